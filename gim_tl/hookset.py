@@ -1,0 +1,328 @@
+"""``GIMHookSet``: TransformerLens forward hooks that make every gradient a GIM gradient.
+
+Every rule is installed by a *forward* hook that wraps the hooked activation in an autograd
+Function from :mod:`gim_tl.rules`: the values are unchanged (the forward pass is bit-identical),
+only the backward differs. So any gradient read afterwards — ``.backward()``, your own backward
+hooks, ``run_with_cache(incl_bwd=True)``, attribution patching, EAP — is the GIM gradient.
+
+What a backward hook (or the ``*_grad`` entries of ``run_with_cache(incl_bwd=True)``) sees at a
+modified point:
+
+============================  ===========================================================
+hook point                    gradient seen there
+============================  ===========================================================
+``attn.hook_attn_scores``     the TSG gradient (after the modification)
+``attn.hook_pattern``         ``dL/dA`` as it arrives from ``A @ V`` (TSG acts upstream of it)
+``attn.hook_q/k/v``           the gradient *before* the ¼ / ¼ / ½ factor; upstream sees it scaled
+``mlp.hook_pre/_pre_linear``  the gradient *before* the ½ factor (gated MLPs only)
+``*.hook_scale``              none on HookedTransformer (the scale is detached: no gradient
+                              flows into it); TransformerBridge: the exact one, never used
+every other point             the GIM gradient (resid, z, result, mlp_out, embed, ...)
+============================  ===========================================================
+
+A backward hook that *returns* a tensor at a modified point replaces what GIM sends upstream
+there (TL's last-returned-wins rule); read-only hooks are safe everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from gim_tl import rules
+from gim_tl.config import GIMConfig, preset
+from gim_tl.layout import GIMModelError, LayerSites, ModelLayout, NormSite, discover
+
+Hook = tuple[str, Callable]
+
+
+class GIMRuleError(RuntimeError):
+    """A GIM rule that was expected did not take effect."""
+
+
+@dataclass(frozen=True)
+class RuleStatus:
+    """One rule at one site: how often it was installed in forward and applied in backward."""
+
+    rule: str
+    site: str
+    forward: int
+    backward: int
+
+    @property
+    def ok(self) -> bool:
+        return self.forward > 0 and self.backward > 0
+
+
+class GIMReport(list):
+    """A list of :class:`RuleStatus`, printable as a table; ``missing`` lists what did not fire."""
+
+    @property
+    def missing(self) -> list[RuleStatus]:
+        return [r for r in self if not r.ok]
+
+    def __str__(self) -> str:
+        lines = [f"{'rule':<16} {'site':<28} {'forward':>7} {'backward':>8}"]
+        lines += [f"{r.rule:<16} {r.site:<28} {r.forward:>7} {r.backward:>8}" + ("" if r.ok else "  <- did not fire")
+                  for r in self]
+        return "\n".join(lines)
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame([r.__dict__ for r in self])
+
+
+class GIMHookSet:
+    """GIM as one set of TransformerLens hooks.
+
+    ``GIMHookSet()`` is full GIM: TSG at T = 2, every norm frozen, q/k ×¼, v ×½, gate/up ×½.
+    Rules and constants are keyword arguments (see :class:`gim_tl.config.GIMConfig`);
+    ``GIMHookSet.preset("freeze_norm+tsg")`` gives the paper's ablation variants.
+
+    Use it like any TL hook list::
+
+        gim = GIMHookSet()
+        with model.hooks(fwd_hooks=gim.fwd_hooks(model), bwd_hooks=gim.bwd_hooks(model)):
+            metric(model(tokens)).backward()
+        with gim.attach(model):                       # the same, as a context manager
+            metric(model(tokens)).backward()
+        gim.add_to(model); ...; gim.remove_from(model)  # persistent, survives reset_hooks()
+        gim.run_with_hooks(model, tokens)              # model.run_with_hooks with GIM added
+
+    After a backward pass, :meth:`report` says which rules fired where and :meth:`verify`
+    raises :class:`GIMRuleError` if an expected rule did not.
+    """
+
+    def __init__(self, config: GIMConfig | None = None, **overrides) -> None:
+        self.config = (config or GIMConfig()).replace(**overrides) if overrides else (config or GIMConfig())
+        self._forward: Counter = Counter()
+        self._backward: Counter = Counter()
+        self._expected: list[tuple[str, str]] = []
+        self._persistent: dict[int, list] = {}
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> GIMHookSet:
+        """A hook set for a named ablation preset (``"plain"``, ``"tsg"``, ..., ``"gim"``)."""
+        return cls(preset(name), **overrides)
+
+    def __repr__(self) -> str:
+        return f"GIMHookSet({self.config})"
+
+    # ---- hook lists --------------------------------------------------------------------
+
+    def fwd_hooks(self, model) -> list[Hook]:
+        """TL-native ``(hook_name, fn)`` forward hooks that install every enabled rule."""
+        layout = discover(model)
+        self._check_model(model, layout)
+        self._expected = []
+        hooks: list[Hook] = []
+        cfg = self.config
+        for sites in layout.layers:
+            if cfg.tsg:
+                hooks += self._tsg_hooks(sites)
+            if cfg.grad_norm:
+                hooks += self._grad_norm_hooks(sites)
+        if cfg.freeze_norm:
+            if not layout.norms:
+                raise GIMModelError(f"{type(model).__name__} has no *.hook_scale points: the norm freeze cannot be applied. "
+                                    "Pass freeze_norm=False if the model really has no LayerNorm/RMSNorm.")
+            for norm in layout.norms:
+                hooks += self._freeze_hooks(norm)
+        return hooks
+
+    def bwd_hooks(self, model) -> list[Hook]:
+        """Always ``[]``: every rule is an autograd Function placed by a forward hook.
+
+        Kept so the hook set drops into code that passes both lists to ``model.hooks``.
+        """
+        discover(model)
+        return []
+
+    # ---- ways to attach ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def attach(self, model) -> Iterator[GIMHookSet]:
+        """Context manager: GIM hooks on ``model`` inside the block (run forward *and* backward inside)."""
+        with model.hooks(fwd_hooks=self.fwd_hooks(model)):
+            yield self
+
+    def add_to(self, model) -> GIMHookSet:
+        """Attach persistently (TL permanent hooks: they survive ``reset_hooks()`` and
+        ``run_with_hooks``). Undo with :meth:`remove_from`."""
+        if id(model) in self._persistent:
+            raise RuntimeError("this GIMHookSet is already attached to this model; call remove_from(model) first")
+        handles = []
+        for name, fn in self.fwd_hooks(model):
+            point = model.hook_dict[name]
+            model.add_hook(name, fn, dir="fwd", is_permanent=True)
+            handles.append((point, point.fwd_hooks[-1]))
+        self._persistent[id(model)] = handles
+        return self
+
+    def remove_from(self, model) -> None:
+        """Remove the hooks that :meth:`add_to` attached (and nothing else)."""
+        for point, handle in self._persistent.pop(id(model), []):
+            handle.hook.remove()
+            if handle in point.fwd_hooks:
+                point.fwd_hooks.remove(handle)
+
+    def run_with_hooks(self, model, *model_args, fwd_hooks=(), bwd_hooks=(), **model_kwargs):
+        """``model.run_with_hooks`` with GIM's hooks added to yours (backward afterwards still uses GIM)."""
+        return model.run_with_hooks(*model_args, fwd_hooks=self.fwd_hooks(model) + list(fwd_hooks),
+                                    bwd_hooks=list(bwd_hooks), **model_kwargs)
+
+    # ---- self-checks -------------------------------------------------------------------
+
+    def report(self) -> GIMReport:
+        """Per rule and site: forward installs and backward applications since the last reset."""
+        return GIMReport(RuleStatus(rule, site, self._forward[(rule, site)], self._backward[(rule, site)])
+                         for rule, site in self._expected)
+
+    def verify(self) -> GIMReport:
+        """Raise :class:`GIMRuleError` if an expected rule was not applied in the last backward pass(es)."""
+        report = self.report()
+        if not self._expected:
+            raise GIMRuleError("no GIM rule was set up: build the hooks with fwd_hooks(model) or attach(model) first")
+        if report.missing:
+            raise GIMRuleError(
+                "these GIM rules did not fire (no forward through the hook, or no gradient reached it):\n"
+                + str(GIMReport(report.missing))
+                + "\nRun forward and backward with the hooks attached, and make sure the metric depends on every layer."
+            )
+        return report
+
+    def reset_counts(self) -> None:
+        self._forward.clear()
+        self._backward.clear()
+
+    # ---- internals ---------------------------------------------------------------------
+
+    def _check_model(self, model, layout: ModelLayout) -> None:
+        if layout.kind == "bridge" and model.training:
+            raise GIMModelError("the TransformerBridge is in training mode: attention dropout would make hook_pattern "
+                                "differ from softmax(hook_attn_scores). Call model.eval() first.")
+
+    def _counted(self, rule: str, site: str) -> Callable[[], None]:
+        """Register an expected (rule, site) and return the callback its backward calls."""
+        key = (rule, site)
+        if key not in self._expected:
+            self._expected.append(key)
+
+        def fired() -> None:
+            self._backward[key] += 1
+
+        return fired
+
+    def _tsg_hooks(self, sites: LayerSites) -> list[Hook]:
+        cfg = self.config
+        site = sites.attn
+        fired = self._counted("tsg", site)
+        pending: dict[str, torch.Tensor] = {}
+
+        def save_scores(scores, hook):
+            if not scores.is_floating_point():
+                raise GIMModelError(f"{site}.hook_attn_scores has dtype {scores.dtype}; GIM needs floating point")
+            pending["scores"] = scores
+            return None
+
+        def tsg_pattern(pattern, hook):
+            scores = pending.pop("scores", None)
+            if scores is None:
+                raise GIMModelError(
+                    f"{site}.hook_attn_scores did not fire before {site}.hook_pattern, so TSG has no scores. "
+                    "This happens with TransformerBridge.boot_native models, whose hook_attn_scores is a copy of the "
+                    "pattern outside the autograd graph: load the model with TransformerBridge.boot_transformers "
+                    "(hf_model=...) or use a HookedTransformer.")
+            if not pattern.requires_grad:
+                return None
+            if not scores.requires_grad or scores.shape != pattern.shape:
+                raise GIMModelError(
+                    f"{site}.hook_attn_scores is not the autograd input of the softmax behind {site}.hook_pattern "
+                    f"(requires_grad={scores.requires_grad}, shapes {tuple(scores.shape)} vs {tuple(pattern.shape)}); "
+                    "TSG cannot be placed. Use a boot_transformers bridge or a HookedTransformer.")
+            keep_scores = cfg.tsg_source == "scores" or (cfg.tsg_source == "auto" and pattern.dtype == torch.float16)
+            self._forward[("tsg", site)] += 1
+            return rules.apply_tsg(scores, pattern, cfg.temperature, keep_scores=keep_scores,
+                                   use_triton=cfg.use_triton, on_backward=fired)
+
+        return [(f"{site}.hook_attn_scores", save_scores), (f"{site}.hook_pattern", tsg_pattern)]
+
+    def _scale_hook(self, rule: str, name: str, factor: float) -> Hook:
+        fired = self._counted(rule, name)
+
+        def scale(x, hook):
+            if not x.requires_grad:
+                return None
+            self._forward[(rule, name)] += 1
+            return rules.scale_grad(x, factor, fired)
+
+        return (name, scale)
+
+    def _grad_norm_hooks(self, sites: LayerSites) -> list[Hook]:
+        cfg = self.config
+        hooks = [self._scale_hook(f"grad_norm.{p}", f"{sites.attn}.hook_{p}", getattr(cfg, f"{p}_scale"))
+                 for p in ("q", "k", "v")]
+        if sites.gated_mlp:
+            hooks.append(self._scale_hook("grad_norm.gate", f"{sites.mlp}.hook_pre", cfg.gate_scale))
+            hooks.append(self._scale_hook("grad_norm.up", f"{sites.mlp}.hook_pre_linear", cfg.up_scale))
+        return hooks
+
+    def _freeze_hooks(self, norm: NormSite) -> list[Hook]:
+        site = norm.prefix
+        fired = self._counted("freeze_norm", site)
+        if norm.strategy == "detach":
+            def detach_scale(scale, hook):
+                if not scale.requires_grad:
+                    return None
+                self._forward[("freeze_norm", site)] += 1
+                fired()  # complete at forward time: no gradient will flow into the scale
+                return rules.freeze_scale(scale)
+
+            return [(f"{site}.hook_scale", detach_scale)]
+
+        # "correct": the norm runs HF's kernel; fix its exact input gradient at hook_in.
+        calls: list[dict] = []
+
+        def at_input(x, hook):
+            if not x.requires_grad:
+                return None
+            call: dict = {"x": x.detach()}
+            calls.append(call)
+
+            def correction() -> torch.Tensor:
+                grad_out = call.get("grad_out")
+                if grad_out is None or "scale" not in call:
+                    return torch.zeros((), device=x.device)
+                fired()
+                x_c = call["x"].float()
+                if norm.centered:
+                    x_c = x_c - x_c.mean(-1, keepdim=True)
+                y = call["y"].float()
+                if norm.bias is not None:
+                    y = y - norm.bias.detach().float()
+                return rules.frozen_norm_correction(x_c, y, call["scale"], grad_out)
+
+            return rules.AddToGrad.apply(x, correction)
+
+        def at_scale(scale, hook):
+            if calls:
+                calls[-1]["scale"] = scale.detach()
+            return None
+
+        def at_output(y, hook):
+            if not calls:
+                return None
+            call = calls.pop()
+            if not y.requires_grad:
+                return None
+            call["y"] = y.detach()
+            self._forward[("freeze_norm", site)] += 1
+            return rules.CaptureGrad.apply(y, lambda g: call.__setitem__("grad_out", g))
+
+        return [(f"{site}.hook_in", at_input), (f"{site}.hook_scale", at_scale), (f"{site}.hook_out", at_output)]
+

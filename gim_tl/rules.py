@@ -1,0 +1,234 @@
+"""The GIM backward rules as small pure functions and autograd Functions.
+
+Each rule is a few lines that can be checked against ``shared/docs/gim_spec.md`` §2:
+
+* TSG (§2.1): the attention-softmax Jacobian evaluated at ``softmax(S / T)``, no ``1/T`` factor.
+* Norm freeze (§2.2): the normalisation statistic (rms or σ) is a constant in backward.
+* Gradient normalization (§2.3): identity forward, a constant factor on the backward gradient.
+
+The autograd Functions never change forward values: each returns a view of its input, so a
+model's forward pass is bit-identical with and without them. All GIM math runs in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------
+# TSG: temperature-adjusted softmax gradient
+# --------------------------------------------------------------------------------------
+
+
+def masked_below(x: Tensor) -> Tensor:
+    """True where ``x`` is an attention mask value: ``-inf``, or at most half of ``finfo.min``.
+
+    TL masks with ``-inf`` (HookedTransformer, compatibility mode) or ``finfo(dtype).min``
+    (TransformerBridge); an additive padding mask on top of the latter gives ``-inf`` too.
+    """
+    return x <= torch.finfo(x.dtype).min / 2
+
+
+def tempered_pattern(
+    source: Float[Tensor, "... key"], temperature: float, *, source_is_scores: bool
+) -> Float[Tensor, "... key"]:
+    """``A_T = softmax(S / T)`` in fp32, from the scores ``S`` or from the pattern ``A = softmax(S)``.
+
+    From the pattern, ``softmax(S/T) = A^(1/T) / Σ A^(1/T)`` exactly, so the scores need not be kept.
+    Masked keys give 0 either way; rows with no valid key give an all-zero row (never NaN).
+    """
+    x = source.float()
+    if source_is_scores:
+        masked = masked_below(source)
+        x = x.masked_fill(masked, float("-inf")) / temperature
+        row_max = x.amax(-1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        weights = torch.exp(x - row_max)
+    else:
+        weights = x.clamp_min(0).pow(1.0 / temperature)
+    total = weights.sum(-1, keepdim=True)
+    return weights / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def tsg_grad_scores_reference(
+    source: Float[Tensor, "... key"],
+    grad_pattern: Float[Tensor, "... key"],
+    temperature: float,
+    *,
+    source_is_scores: bool,
+    row_valid: Bool[Tensor, "..."] | None = None,
+) -> Float[Tensor, "... key"]:
+    """TSG score gradient ``dS = A_T ⊙ (g − Σ_k A_T,k g_k)`` in fp32 (PyTorch reference path).
+
+    ``row_valid`` (optional, shape ``source.shape[:-1]``) zeroes rows that are fully masked but
+    whose pattern does not show it (TransformerBridge's ``finfo.min`` mask gives a uniform row).
+    """
+    a_t = tempered_pattern(source, temperature, source_is_scores=source_is_scores)
+    g = grad_pattern.float()
+    d_scores = a_t * (g - (a_t * g).sum(-1, keepdim=True))
+    if source_is_scores:
+        row_valid = ~masked_below(source).all(-1) if row_valid is None else row_valid
+    if row_valid is not None:
+        d_scores = d_scores * row_valid.unsqueeze(-1)
+    return d_scores
+
+
+TSGBackwardFn = Callable[..., Tensor]
+
+
+def tsg_grad_scores(
+    source: Float[Tensor, "... key"],
+    grad_pattern: Float[Tensor, "... key"],
+    temperature: float,
+    *,
+    source_is_scores: bool,
+    row_valid: Bool[Tensor, "..."] | None = None,
+    use_triton: bool = True,
+) -> Float[Tensor, "... key"]:
+    """TSG score gradient in fp32: the fused Triton kernel for CUDA tensors, PyTorch elsewhere."""
+    if use_triton and source.is_cuda:
+        from gim_tl import kernel
+
+        if kernel.triton_available():
+            return kernel.tsg_backward(
+                source, grad_pattern, temperature,
+                source_is_scores=source_is_scores, row_valid=row_valid,
+            )
+    return tsg_grad_scores_reference(
+        source, grad_pattern, temperature, source_is_scores=source_is_scores, row_valid=row_valid
+    )
+
+
+class TSGSoftmax(torch.autograd.Function):
+    """Forward: the pattern ``A`` unchanged. Backward: the TSG gradient sent to the scores ``S``.
+
+    Placed at ``hook_pattern``, it bypasses the model's own softmax node, so no plain softmax
+    backward is computed and thrown away. It saves the pattern (already kept by autograd for
+    ``A @ V``) or, where the pattern is too coarse (fp16 underflow), the scores.
+    """
+
+    @staticmethod
+    def forward(ctx, scores, pattern, saved_source, row_valid, temperature, source_is_scores,
+                use_triton, on_backward):
+        ctx.save_for_backward(saved_source, row_valid)
+        ctx.temperature = temperature
+        ctx.source_is_scores = source_is_scores
+        ctx.use_triton = use_triton
+        ctx.scores_dtype = scores.dtype
+        ctx.on_backward = on_backward
+        return pattern.view_as(pattern)
+
+    @staticmethod
+    def backward(ctx, grad_pattern):
+        source, row_valid = ctx.saved_tensors
+        d_scores = tsg_grad_scores(
+            source, grad_pattern, ctx.temperature, source_is_scores=ctx.source_is_scores,
+            row_valid=row_valid, use_triton=ctx.use_triton,
+        )
+        if ctx.on_backward is not None:
+            ctx.on_backward()
+        return d_scores.to(ctx.scores_dtype), None, None, None, None, None, None, None
+
+
+def apply_tsg(
+    scores: Float[Tensor, "batch head query key"],
+    pattern: Float[Tensor, "batch head query key"],
+    temperature: float,
+    *,
+    keep_scores: bool = False,
+    use_triton: bool = True,
+    on_backward: Callable[[], None] | None = None,
+) -> Float[Tensor, "batch head query key"]:
+    """Return ``pattern`` (same values) whose gradient flows to ``scores`` by the TSG rule.
+
+    ``keep_scores`` recomputes ``A_T`` from the scores instead of the pattern (fp16 patterns).
+    """
+    row_valid = ~masked_below(scores.detach()).all(-1)
+    source = scores.detach() if keep_scores else pattern.detach()
+    return TSGSoftmax.apply(scores, pattern.detach(), source, row_valid, float(temperature),
+                            keep_scores, use_triton, on_backward)
+
+
+# --------------------------------------------------------------------------------------
+# Gradient normalization: identity forward, scaled backward
+# --------------------------------------------------------------------------------------
+
+
+class GradScale(torch.autograd.Function):
+    """Identity in forward; multiplies the gradient by ``factor`` in backward."""
+
+    @staticmethod
+    def forward(ctx, x, factor, on_backward):
+        ctx.factor = factor
+        ctx.on_backward = on_backward
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.on_backward is not None:
+            ctx.on_backward()
+        return grad * ctx.factor, None, None
+
+
+def scale_grad(
+    x: Tensor, factor: float, on_backward: Callable[[], None] | None = None
+) -> Tensor:
+    """``x`` unchanged, with its backward gradient multiplied by ``factor`` (q, k: ¼; v, gate, up: ½)."""
+    return GradScale.apply(x, float(factor), on_backward)
+
+
+# --------------------------------------------------------------------------------------
+# Norm freeze
+# --------------------------------------------------------------------------------------
+
+
+def freeze_scale(scale: Float[Tensor, "batch pos 1"]) -> Float[Tensor, "batch pos 1"]:
+    """The norm statistic as a backward constant: where ``hook_scale`` is in the graph, detach it."""
+    return scale.detach()
+
+
+def frozen_norm_correction(
+    x_centered: Float[Tensor, "batch pos d"],
+    y_minus_bias: Float[Tensor, "batch pos d"],
+    scale: Float[Tensor, "batch pos 1"],
+    grad_out: Float[Tensor, "batch pos d"],
+) -> Float[Tensor, "batch pos d"]:
+    """What to add to a norm's exact input gradient to get the frozen-statistic gradient.
+
+    For ``y = w ⊙ (x − μ)/σ + b`` (RMSNorm: μ = 0, b = 0, σ = rms), the exact VJP minus the
+    frozen one is ``−(x − μ)·⟨g, y − b⟩ / (d σ²)``, so we add ``(x − μ)·⟨g, y − b⟩ / (d σ²)``.
+    It needs no weight, so it holds for ``w`` and Gemma's ``1 + w`` alike.
+    """
+    d = x_centered.shape[-1]
+    inner = (grad_out.float() * y_minus_bias.float()).sum(-1, keepdim=True)
+    return x_centered.float() * inner / (d * scale.float().pow(2))
+
+
+class CaptureGrad(torch.autograd.Function):
+    """Identity forward; in backward, hands the gradient to ``store`` and passes it on."""
+
+    @staticmethod
+    def forward(ctx, y, store):
+        ctx.store = store
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.store(grad)
+        return grad, None
+
+
+class AddToGrad(torch.autograd.Function):
+    """Identity forward; in backward, adds ``correction(grad)`` to the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, correction):
+        ctx.correction = correction
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad + ctx.correction().to(grad.dtype), None
