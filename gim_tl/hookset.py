@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
@@ -129,8 +129,8 @@ class GIMHookSet:
                 hooks += self._grad_norm_hooks(sites)
         if cfg.freeze_norm:
             if not layout.norms:
-                raise GIMModelError(f"{type(model).__name__} has no *.hook_scale points: the norm freeze cannot be applied. "
-                                    "Pass freeze_norm=False if the model really has no LayerNorm/RMSNorm.")
+                raise GIMModelError(f"{type(model).__name__} has no *.hook_scale points: the norm freeze cannot be "
+                                    "applied. Pass freeze_norm=False if the model really has no LayerNorm/RMSNorm.")
             for norm in layout.norms:
                 hooks += self._freeze_hooks(norm)
         return hooks

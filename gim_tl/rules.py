@@ -12,7 +12,7 @@ model's forward pass is bit-identical with and without them. All GIM math runs i
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Bool, Float
@@ -40,17 +40,14 @@ def tempered_pattern(
     From the pattern, ``softmax(S/T) = A^(1/T) / Σ A^(1/T)`` exactly, so the scores need not be kept.
     Masked keys give 0 either way; rows with no valid key give an all-zero row (never NaN).
     """
-    x = source.float()
     if source_is_scores:
-        masked = masked_below(source)
-        x = x.masked_fill(masked, float("-inf")) / temperature
-        row_max = x.amax(-1, keepdim=True)
-        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-        weights = torch.exp(x - row_max)
-    else:
-        weights = x.clamp_min(0).pow(1.0 / temperature)
+        x = source.float() / temperature
+        x.masked_fill_(masked_below(source), float("-inf"))
+        return torch.softmax(x, dim=-1).nan_to_num_(0.0)
+    a = source.float()
+    weights = a.sqrt() if temperature == 2.0 else a.clamp_min(0).pow(1.0 / temperature)
     total = weights.sum(-1, keepdim=True)
-    return weights / torch.where(total > 0, total, torch.ones_like(total))
+    return weights.div_(torch.where(total > 0, total, torch.ones_like(total)))
 
 
 def tsg_grad_scores_reference(
@@ -61,19 +58,31 @@ def tsg_grad_scores_reference(
     source_is_scores: bool,
     row_valid: Bool[Tensor, "..."] | None = None,
 ) -> Float[Tensor, "... key"]:
-    """TSG score gradient ``dS = A_T ⊙ (g − Σ_k A_T,k g_k)`` in fp32 (PyTorch reference path).
+    """TSG score gradient ``dS = A_T ⊙ (g − Σ_k A_T,k g_k)`` in fp32 (the PyTorch path).
 
-    ``row_valid`` (optional, shape ``source.shape[:-1]``) zeroes rows that are fully masked but
-    whose pattern does not show it (TransformerBridge's ``finfo.min`` mask gives a uniform row).
+    This is the ordinary softmax backward with ``A_T`` in place of ``A``, so PyTorch's fused
+    softmax-backward op computes it. ``row_valid`` (optional, shape ``source.shape[:-1]``)
+    zeroes rows that are fully masked but whose pattern does not show it (TransformerBridge's
+    ``finfo.min`` mask gives such a row a uniform pattern).
     """
     a_t = tempered_pattern(source, temperature, source_is_scores=source_is_scores)
-    g = grad_pattern.float()
-    d_scores = a_t * (g - (a_t * g).sum(-1, keepdim=True))
-    if source_is_scores:
-        row_valid = ~masked_below(source).all(-1) if row_valid is None else row_valid
+    d_scores = torch._softmax_backward_data(grad_pattern.float(), a_t, -1, torch.float32)
     if row_valid is not None:
-        d_scores = d_scores * row_valid.unsqueeze(-1)
+        d_scores.mul_(row_valid.unsqueeze(-1))
     return d_scores
+
+
+def fully_masked_rows(scores: Float[Tensor, "... query key"]) -> Bool[Tensor, "... query"] | None:
+    """Rows of ``scores`` with no valid key, or ``None`` when there are none (the common case).
+
+    In causal self-attention a row is fully masked only if its diagonal entry is, so the full
+    row check runs only when some diagonal entry is masked (left padding); it is cheap otherwise.
+    """
+    if scores.shape[-1] == scores.shape[-2]:
+        if not masked_below(scores.diagonal(dim1=-2, dim2=-1)).any():
+            return None
+    rows = masked_below(scores).all(-1)
+    return rows if rows.any() else None
 
 
 TSGBackwardFn = Callable[..., Tensor]
@@ -146,7 +155,8 @@ def apply_tsg(
 
     ``keep_scores`` recomputes ``A_T`` from the scores instead of the pattern (fp16 patterns).
     """
-    row_valid = ~masked_below(scores.detach()).all(-1)
+    masked_rows = fully_masked_rows(scores.detach())
+    row_valid = None if masked_rows is None else ~masked_rows
     source = scores.detach() if keep_scores else pattern.detach()
     return TSGSoftmax.apply(scores, pattern.detach(), source, row_valid, float(temperature),
                             keep_scores, use_triton, on_backward)
