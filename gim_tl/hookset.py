@@ -124,7 +124,7 @@ class GIMHookSet:
         cfg = self.config
         for sites in layout.layers:
             if cfg.tsg:
-                hooks += self._tsg_hooks(sites)
+                hooks += self._tsg_hooks(model, sites)
             if cfg.grad_norm:
                 hooks += self._grad_norm_hooks(sites)
         if cfg.freeze_norm:
@@ -203,9 +203,17 @@ class GIMHookSet:
     # ---- internals ---------------------------------------------------------------------
 
     def _check_model(self, model, layout: ModelLayout) -> None:
-        if layout.kind == "bridge" and model.training:
+        if layout.kind != "bridge":
+            return
+        if model.training:
             raise GIMModelError("the TransformerBridge is in training mode: attention dropout would make hook_pattern "
                                 "differ from softmax(hook_attn_scores). Call model.eval() first.")
+        for flag, setter in (("use_split_qkv_input", "set_use_split_qkv_input"), ("use_attn_in", "set_use_attn_in")):
+            if getattr(model.cfg, flag, False) and self.config.freeze_norm:
+                raise GIMModelError(
+                    f"TransformerBridge with cfg.{flag}=True recomputes ln1 per head through HF's norm, bypassing "
+                    f"ln1's hook points, so the norm freeze cannot be applied. Call model.{setter}(False), or use a "
+                    "HookedTransformer (TL 3.9), whose split inputs keep the hook points.")
 
     def _counted(self, rule: str, site: str) -> Callable[[], None]:
         """Register an expected (rule, site) and return the callback its backward calls."""
@@ -218,20 +226,24 @@ class GIMHookSet:
 
         return fired
 
-    def _tsg_hooks(self, sites: LayerSites) -> list[Hook]:
+    def _tsg_hooks(self, model, sites: LayerSites) -> list[Hook]:
         cfg = self.config
         site = sites.attn
         fired = self._counted("tsg", site)
-        pending: dict[str, torch.Tensor] = {}
+        scores_point = model.hook_dict[f"{site}.hook_attn_scores"]
+        pattern_point = model.hook_dict[f"{site}.hook_pattern"]
+        pending: dict = {}
 
         def save_scores(scores, hook):
             if not scores.is_floating_point():
                 raise GIMModelError(f"{site}.hook_attn_scores has dtype {scores.dtype}; GIM needs floating point")
             pending["scores"] = scores
+            pending["scores_hooks"] = bound_backward_hooks(scores_point)
             return None
 
         def tsg_pattern(pattern, hook):
             scores = pending.pop("scores", None)
+            scores_hooks = pending.pop("scores_hooks", [])
             if scores is None:
                 raise GIMModelError(
                     f"{site}.hook_attn_scores did not fire before {site}.hook_pattern, so TSG has no scores. "
@@ -246,9 +258,19 @@ class GIMHookSet:
                     f"(requires_grad={scores.requires_grad}, shapes {tuple(scores.shape)} vs {tuple(pattern.shape)}); "
                     "TSG cannot be placed. Use a boot_transformers bridge or a HookedTransformer.")
             keep_scores = cfg.tsg_source == "scores" or (cfg.tsg_source == "auto" and pattern.dtype == torch.float16)
+            pattern_hooks = bound_backward_hooks(pattern_point)
+
+            def map_grad_pattern(grad):
+                return run_backward_hooks(pattern_point, pattern_hooks, grad)
+
+            def map_grad_scores(grad):
+                fired()
+                return run_backward_hooks(scores_point, scores_hooks, grad)
+
             self._forward[("tsg", site)] += 1
             return rules.apply_tsg(scores, pattern, cfg.temperature, keep_scores=keep_scores,
-                                   use_triton=cfg.use_triton, on_backward=fired)
+                                   use_triton=cfg.use_triton, map_grad_pattern=map_grad_pattern,
+                                   map_grad_scores=map_grad_scores)
 
         return [(f"{site}.hook_attn_scores", save_scores), (f"{site}.hook_pattern", tsg_pattern)]
 
@@ -280,10 +302,12 @@ class GIMHookSet:
                 if not scale.requires_grad:
                     return None
                 self._forward[("freeze_norm", site)] += 1
-                fired()  # complete at forward time: no gradient will flow into the scale
                 return rules.freeze_scale(scale)
 
-            return [(f"{site}.hook_scale", detach_scale)]
+            def count_backward(normalized, hook):  # the frozen norm's backward runs through here
+                return rules.CaptureGrad.apply(normalized, lambda g: fired()) if normalized.requires_grad else None
+
+            return [(f"{site}.hook_scale", detach_scale), (f"{site}.hook_normalized", count_backward)]
 
         # "correct": the norm runs HF's kernel; fix its exact input gradient at hook_in.
         calls: list[dict] = []
@@ -326,3 +350,20 @@ class GIMHookSet:
 
         return [(f"{site}.hook_in", at_input), (f"{site}.hook_scale", at_scale), (f"{site}.hook_out", at_output)]
 
+
+def bound_backward_hooks(point) -> list[Callable]:
+    """The backward hooks on a HookPoint right now: PyTorch binds this list at forward time."""
+    return list(point._backward_hooks.values())
+
+
+def run_backward_hooks(point, hook_fns: list[Callable], grad: torch.Tensor) -> torch.Tensor:
+    """Run a HookPoint's backward hooks on ``grad`` as PyTorch would (TSG's bypass skips the point).
+
+    Each hook sees the incoming gradient; the last one that returns a tensor sets what flows on.
+    """
+    result = (grad,)
+    for fn in hook_fns:
+        out = fn(point, result, (grad,))
+        if out is not None:
+            result = out
+    return result[0]

@@ -85,9 +85,6 @@ def fully_masked_rows(scores: Float[Tensor, "... query key"]) -> Bool[Tensor, ".
     return rows if rows.any() else None
 
 
-TSGBackwardFn = Callable[..., Tensor]
-
-
 def tsg_grad_scores(
     source: Float[Tensor, "... key"],
     grad_pattern: Float[Tensor, "... key"],
@@ -111,35 +108,41 @@ def tsg_grad_scores(
     )
 
 
+GradMap = Callable[[Tensor], Tensor]
+
+
 class TSGSoftmax(torch.autograd.Function):
     """Forward: the pattern ``A`` unchanged. Backward: the TSG gradient sent to the scores ``S``.
 
     Placed at ``hook_pattern``, it bypasses the model's own softmax node, so no plain softmax
     backward is computed and thrown away. It saves the pattern (already kept by autograd for
     ``A @ V``) or, where the pattern is too coarse (fp16 underflow), the scores.
+    ``map_grad_pattern`` / ``map_grad_scores`` let the caller act on ``dL/dA`` before the rule and
+    on ``dL/dS`` after it (the hook set runs the bypassed hook points' backward hooks there).
     """
 
     @staticmethod
     def forward(ctx, scores, pattern, saved_source, row_valid, temperature, source_is_scores,
-                use_triton, on_backward):
+                use_triton, map_grad_pattern, map_grad_scores):
         ctx.save_for_backward(saved_source, row_valid)
-        ctx.temperature = temperature
-        ctx.source_is_scores = source_is_scores
-        ctx.use_triton = use_triton
-        ctx.scores_dtype = scores.dtype
-        ctx.on_backward = on_backward
+        ctx.settings = (temperature, source_is_scores, use_triton, scores.dtype)
+        ctx.maps = (map_grad_pattern, map_grad_scores)
         return pattern.view_as(pattern)
 
     @staticmethod
     def backward(ctx, grad_pattern):
         source, row_valid = ctx.saved_tensors
+        temperature, source_is_scores, use_triton, scores_dtype = ctx.settings
+        map_grad_pattern, map_grad_scores = ctx.maps
+        if map_grad_pattern is not None:
+            grad_pattern = map_grad_pattern(grad_pattern)
         d_scores = tsg_grad_scores(
-            source, grad_pattern, ctx.temperature, source_is_scores=ctx.source_is_scores,
-            row_valid=row_valid, use_triton=ctx.use_triton,
-        )
-        if ctx.on_backward is not None:
-            ctx.on_backward()
-        return d_scores.to(ctx.scores_dtype), None, None, None, None, None, None, None
+            source, grad_pattern, temperature, source_is_scores=source_is_scores,
+            row_valid=row_valid, use_triton=use_triton,
+        ).to(scores_dtype)
+        if map_grad_scores is not None:
+            d_scores = map_grad_scores(d_scores)
+        return d_scores, None, None, None, None, None, None, None, None
 
 
 def apply_tsg(
@@ -149,7 +152,8 @@ def apply_tsg(
     *,
     keep_scores: bool = False,
     use_triton: bool = True,
-    on_backward: Callable[[], None] | None = None,
+    map_grad_pattern: GradMap | None = None,
+    map_grad_scores: GradMap | None = None,
 ) -> Float[Tensor, "batch head query key"]:
     """Return ``pattern`` (same values) whose gradient flows to ``scores`` by the TSG rule.
 
@@ -159,7 +163,7 @@ def apply_tsg(
     row_valid = None if masked_rows is None else ~masked_rows
     source = scores.detach() if keep_scores else pattern.detach()
     return TSGSoftmax.apply(scores, pattern.detach(), source, row_valid, float(temperature),
-                            keep_scores, use_triton, on_backward)
+                            keep_scores, use_triton, map_grad_pattern, map_grad_scores)
 
 
 # --------------------------------------------------------------------------------------
@@ -218,7 +222,7 @@ def frozen_norm_correction(
 
 
 class CaptureGrad(torch.autograd.Function):
-    """Identity forward; in backward, hands the gradient to ``store`` and passes it on."""
+    """Identity forward; in backward, hands the gradient to ``store`` and passes it on unchanged."""
 
     @staticmethod
     def forward(ctx, y, store):

@@ -1,0 +1,747 @@
+"""``GIMHookSet`` on tiny models, against independent references.
+
+References: plain autograd (no hooks), the separately written GIM in ``reference_gim.py`` (its forward is
+first checked against the model's logits), hand formulas for TSG and the gradient-normalization factors,
+and the same example run alone (padding). Tolerances are relative to the largest reference entry:
+
+* ``REF_RTOL = 2e-5``: model + GIMHookSet vs the fp32 reference, logits and input gradients (observed
+  ≤ 3.8e-6 on HookedTransformer, ≤ 4.5e-7 on bridges: summation order and rotary tables differ). Every rule
+  moves the reference gradient by ≥ 1.4e-3 on these inputs, and the tests check it moves it by > 10 × REF_RTOL.
+* ``TSG_RTOL = 1e-5``: the gradient at ``hook_attn_scores`` vs the float64 Jacobian formula.
+* ``T1_RTOL = 2e-6``: TSG at T = 1 vs plain autograd (observed ≤ 8e-7).
+* bf16 / fp16 vs fp32 (relative L2 error of the input gradient): 0.08 / 0.02 (observed ≤ 0.031 / 0.005).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import reference_gim as ref
+import tiny_models as tm
+import torch
+from conftest import HAS_HOOKED, MODELS, cached_model, fresh_model, needs_hooked
+from torch import nn
+
+from gim_tl import GIMHookSet, GIMModelError, GIMRuleError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+REF_RTOL = 2e-5
+TSG_RTOL = 1e-5
+T1_RTOL = 2e-6
+DTYPE_RTOL = {torch.bfloat16: 0.08, torch.float16: 0.02}
+SINGLE_RULES = ["plain", "tsg", "freeze_norm", "grad_norm", "gim"]
+
+BATCH, SEQ = 2, 8
+
+
+def tokens_for_test(seed: int = 0, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
+    return torch.randint(4, tm.VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def direction_for_test(shape, seed: int = 1) -> torch.Tensor:
+    """A fixed random readout of the logits: the metric ``⟨logits, direction⟩`` touches every position."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def run(model, tokens, gim: GIMHookSet | None = None, *, direction=None, bwd_hooks=(), fwd_hooks=(), **kwargs):
+    """Forward + backward of ``⟨logits, direction⟩`` with GIM's hooks (if any), inside one ``model.hooks``.
+
+    Returns ``(logits, grad at hook_embed, {param name: grad})``.
+    """
+    got = {}
+
+    def keep_embed(grad, hook):
+        got["embed"] = grad.detach().clone()
+
+    model.zero_grad(set_to_none=True)
+    hooks = (gim.fwd_hooks(model) if gim is not None else []) + list(fwd_hooks)
+    with model.hooks(fwd_hooks=hooks, bwd_hooks=[("hook_embed", keep_embed), *bwd_hooks]):
+        logits = model(tokens, **kwargs)
+        d = direction if direction is not None else direction_for_test(logits.shape)
+        (logits.float() * d).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return logits.detach(), got["embed"], grads
+
+
+def max_rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
+
+
+_REFERENCE_ARCH: dict = {}
+
+
+def reference_arch(kind: str, name: str, model) -> ref.Arch:
+    """The reference's weights: a fresh same-seed HF model for bridges, the HT's own weights otherwise."""
+    key = (kind, name)
+    if key not in _REFERENCE_ARCH:
+        _REFERENCE_ARCH[key] = ref.from_hf(tm.hf_model(name)) if kind == "bridge" else ref.from_hooked(model)
+    return _REFERENCE_ARCH[key]
+
+
+def is_gated(name: str) -> bool:
+    return name in ("llama", "qwen2", "gemma2", "llama_like", "gemma_like", "llama_fold_ln")
+
+
+def has_post_norms(name: str) -> bool:
+    return name in ("gemma2", "gemma_like")
+
+
+# --------------------------------------------------------------------------------------
+# 1-2. All rules off is plain autograd; TSG at T = 1 is plain backprop
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_plain_preset_is_exactly_autograd(model_id):
+    model = cached_model(*model_id)
+    tokens = tokens_for_test()
+    logits0, embed0, params0 = run(model, tokens)
+    logits1, embed1, params1 = run(model, tokens, GIMHookSet.preset("plain"))
+    assert torch.equal(logits0, logits1) and torch.equal(embed0, embed1)
+    assert params0.keys() == params1.keys() and len(params0) > 0
+    assert all(torch.equal(params0[n], params1[n]) for n in params0)
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_tsg_at_temperature_one_is_plain(model_id):
+    model = cached_model(*model_id)
+    tokens = tokens_for_test()
+    _, plain, _ = run(model, tokens)
+    _, tsg1, _ = run(model, tokens, GIMHookSet.preset("tsg", temperature=1.0))
+    _, tsg2, _ = run(model, tokens, GIMHookSet.preset("tsg"))
+    assert max_rel_err(tsg1, plain) <= T1_RTOL
+    assert max_rel_err(tsg2, plain) > 100 * T1_RTOL, "T = 2 must differ from plain on this model"
+
+
+# --------------------------------------------------------------------------------------
+# 3. TSG: the gradient a user's backward hook sees at hook_attn_scores
+# --------------------------------------------------------------------------------------
+
+
+def scores_and_grads(model, tokens, gim, **kwargs):
+    """Run with read-only user hooks: forward scores, backward grads at hook_pattern and hook_attn_scores."""
+    fwd, grads = {}, {}
+
+    def saver(store, name):
+        def fn(x, hook):
+            store[name] = x.detach().clone()
+        return fn
+
+    layers = range(model.cfg.n_layers)
+    scores = [f"blocks.{i}.attn.hook_attn_scores" for i in layers]
+    patterns = [f"blocks.{i}.attn.hook_pattern" for i in layers]
+    _, embed, _ = run(model, tokens, gim, fwd_hooks=[(n, saver(fwd, n)) for n in scores],
+                      bwd_hooks=[(n, saver(grads, n)) for n in scores + patterns], **kwargs)
+    return fwd, grads, embed
+
+
+def assert_all_fired(grads: dict, model) -> None:
+    missing = [f"blocks.{i}.attn.hook_{p}" for i in range(model.cfg.n_layers) for p in ("attn_scores", "pattern")
+               if f"blocks.{i}.attn.hook_{p}" not in grads]
+    assert not missing, (
+        f"user backward hooks at {missing} never fired under GIM (hookset.py documents the TSG gradient at "
+        "hook_attn_scores and dL/dA at hook_pattern)")
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_tsg_gradient_at_scores_hook_equals_jacobian_formula(model_id):
+    model = cached_model(*model_id)
+    scores, grads, _ = scores_and_grads(model, tokens_for_test(), GIMHookSet.preset("tsg"))
+    assert_all_fired(grads, model)
+    for i in range(model.cfg.n_layers):
+        s = scores[f"blocks.{i}.attn.hook_attn_scores"]
+        want = ref.tsg_by_jacobian(s, grads[f"blocks.{i}.attn.hook_pattern"], 2.0)
+        assert max_rel_err(grads[f"blocks.{i}.attn.hook_attn_scores"], want) <= TSG_RTOL
+
+
+# --------------------------------------------------------------------------------------
+# 4. Norm freeze on HookedTransformer = a user's forward hook detaching every hook_scale
+# --------------------------------------------------------------------------------------
+
+
+@needs_hooked
+@pytest.mark.parametrize("variant", tm.HT_VARIANTS)
+def test_hooked_freeze_norm_equals_detaching_hook_scale(variant):
+    model = cached_model("hooked", variant)
+    tokens = tokens_for_test()
+    detach_all = [(lambda name: name.endswith("hook_scale"), lambda s, hook: s.detach())]
+    _, want, want_params = run(model, tokens, fwd_hooks=detach_all)
+    _, got, got_params = run(model, tokens, GIMHookSet.preset("freeze_norm"))
+    _, plain, _ = run(model, tokens)
+    assert torch.equal(got, want) and all(torch.equal(got_params[n], want_params[n]) for n in want_params)
+    assert max_rel_err(got, plain) > 1e-3
+
+
+# --------------------------------------------------------------------------------------
+# 5. Gradient normalization: exact factors on the last layer's projections
+# --------------------------------------------------------------------------------------
+
+_ROLE_PATTERNS = {
+    "q": r"(q_proj|attn\.q)\.(weight|bias)$|attn\.[Wb]_Q$",
+    "k": r"(k_proj|attn\.k)\.(weight|bias)$|attn\._?[Wb]_K$",
+    "v": r"(v_proj|attn\.v)\.(weight|bias)$|attn\._?[Wb]_V$",
+    "gate": r"gate_proj\.weight$|mlp\.W_gate$",
+    "up": r"up_proj\.weight$|mlp\.W_in$",  # gated models only (TL's gated b_in is added after the product)
+    "mlp_in": r"c_fc\.(weight|bias)$|mlp\.[Wb]_in$",  # ungated models only
+}
+
+
+def last_layer_params(grads: dict, layer: int, role: str) -> dict:
+    """Parameter grads of one role (q, k, ...) in ``layer``, by name with bridge wrappers stripped."""
+    out = {}
+    for name, g in grads.items():
+        short = name.replace("._original_component", "")
+        if re.search(rf"(^|\.)(layers|h|blocks)\.{layer}\.", short) and re.search(_ROLE_PATTERNS[role], short):
+            out[short] = g
+    assert out, f"no {role} parameters found in layer {layer} among {sorted(grads)[:6]}..."
+    return out
+
+
+def assert_exact_multiple(got: dict, plain: dict, factor: float) -> None:
+    for name in plain:
+        assert plain[name].abs().max() > 0, f"{name}: zero plain gradient makes the check vacuous"
+        assert torch.equal(got[name], factor * plain[name]), (
+            f"{name}: expected exactly {factor} × plain, max |Δ| = {(got[name] - factor * plain[name]).abs().max()}")
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_last_layer_qkv_get_quarter_quarter_half(model_id):
+    """With the MLP factors at 1, nothing downstream of the last layer's q/k/v changes: exact ¼, ¼, ½."""
+    model = cached_model(*model_id)
+    tokens, last = tokens_for_test(), model.cfg.n_layers - 1
+    _, _, plain = run(model, tokens)
+    _, _, scaled = run(model, tokens, GIMHookSet.preset("grad_norm", gate_scale=1.0, up_scale=1.0))
+    for role, factor in (("q", 0.25), ("k", 0.25), ("v", 0.5)):
+        assert_exact_multiple(last_layer_params(scaled, last, role), last_layer_params(plain, last, role), factor)
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_last_layer_mlp_gate_up_halved_ungated_untouched(model_id):
+    kind, name = model_id
+    model = cached_model(*model_id)
+    tokens, last = tokens_for_test(), model.cfg.n_layers - 1
+    _, _, plain = run(model, tokens)
+    _, _, scaled = run(model, tokens, GIMHookSet.preset("grad_norm"))
+    roles = (("gate", 0.5), ("up", 0.5)) if is_gated(name) else (("mlp_in", 1.0),)
+    for role, factor in roles:
+        assert_exact_multiple(last_layer_params(scaled, last, role), last_layer_params(plain, last, role), factor)
+
+
+# --------------------------------------------------------------------------------------
+# 6. Against the independent reference implementation
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_reference_forward_matches_model(model_id):
+    """The reference is only an oracle if its forward is the model's forward."""
+    model = cached_model(*model_id)
+    tokens = tokens_for_test()
+    with torch.no_grad():
+        logits = model(tokens)
+        want = ref.forward(reference_arch(*model_id, model), reference_arch(*model_id, model).w_embed[tokens],
+                           ref.Rules())
+    assert max_rel_err(logits, want) <= REF_RTOL
+
+
+@pytest.mark.parametrize("rule", SINGLE_RULES)
+@pytest.mark.parametrize("model_id", MODELS)
+def test_input_gradient_matches_reference(model_id, rule):
+    model = cached_model(*model_id)
+    tokens = tokens_for_test()
+    arch = reference_arch(*model_id, model)
+    _, got, _ = run(model, tokens, GIMHookSet.preset(rule))
+    d = direction_for_test((BATCH, SEQ, tm.VOCAB))
+    _, want, _ = ref.input_grad(arch, tokens, ref.Rules.named(rule), d)
+    assert max_rel_err(got, want) <= REF_RTOL
+    if rule != "plain":
+        _, plain_ref, _ = ref.input_grad(arch, tokens, ref.Rules(), d)
+        assert max_rel_err(want, plain_ref) > 10 * REF_RTOL, f"{rule} must visibly change the gradient here"
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_split_qkv_input_is_handled_or_refused(model_id):
+    """With per-head q/k/v inputs (edge attribution), GIM must match the reference or refuse the model.
+
+    A bridge recomputes ln1 per head through the raw HF norm in this mode, bypassing ln1's hook points.
+    """
+    model = fresh_model(*model_id)
+    model.set_use_split_qkv_input(True)
+    gim = GIMHookSet()
+    try:
+        gim.fwd_hooks(model)
+    except GIMModelError:
+        return  # an explicit refusal is acceptable; a silently different gradient is not
+    tokens = tokens_for_test()
+    _, got, _ = run(model, tokens, gim)
+    d = direction_for_test((BATCH, SEQ, tm.VOCAB))
+    arch = reference_arch(*model_id, cached_model(*model_id))  # same seed, same weights
+    _, want, _ = ref.input_grad(arch, tokens, ref.Rules.named("gim"), d)
+    assert max_rel_err(got, want) <= REF_RTOL, f"GIM differs from the reference with split q/k/v input:\n{gim.report()}"
+
+
+@pytest.mark.parametrize("family", tm.BRIDGE_FAMILIES)
+def test_bridge_compatibility_mode_matches_reference(family):
+    """``enable_compatibility_mode()`` folds norms and centres weights (−inf masks, LNPre/RMSPre): same GIM.
+
+    Centring the unembedding shifts each position's logits by a constant, so the readout is centred over
+    the vocabulary, which makes the metric blind to that shift.
+    """
+    model = fresh_model("bridge", family)
+    model.enable_compatibility_mode(disable_warnings=True)
+    tokens = tokens_for_test()
+    d = direction_for_test((BATCH, SEQ, tm.VOCAB))
+    d = d - d.mean(-1, keepdim=True)
+    arch = reference_arch("bridge", family, None)
+    for rule in SINGLE_RULES:
+        _, got, _ = run(model, tokens, GIMHookSet.preset(rule), direction=d)
+        _, want, _ = ref.input_grad(arch, tokens, ref.Rules.named(rule), d)
+        assert max_rel_err(got, want) <= REF_RTOL, rule
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_two_forwards_then_one_backward_adds_up(model_id):
+    """Clean and corrupted runs inside one attach, one backward (attribution patching): the sum of both."""
+    model = cached_model(*model_id)
+    a, b = tokens_for_test(seed=1), tokens_for_test(seed=2)
+    d = direction_for_test((BATCH, SEQ, tm.VOCAB))
+    _, _, grads_a = run(model, a, GIMHookSet(), direction=d)
+    _, _, grads_b = run(model, b, GIMHookSet(), direction=d)
+    with GIMHookSet().attach(model):
+        ((model(a) * d).sum() + (model(b) * d).sum()).backward()
+    both = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    for n in grads_a:
+        assert max_rel_err(both[n], grads_a[n] + grads_b[n]) <= 1e-5, n
+
+
+# --------------------------------------------------------------------------------------
+# 7. Padding
+# --------------------------------------------------------------------------------------
+
+
+def padded_batch(side: str):
+    """Example 0: 7 tokens; example 1: 4 tokens padded with 3 on ``side``.
+
+    Returns tokens, attention mask, each example's last real position, and the two unpadded examples.
+    """
+    full = tokens_for_test(seed=5, batch=1, seq=7)[0]
+    short = tokens_for_test(seed=6, batch=1, seq=4)[0]
+    pad = torch.full((3,), tm.PAD_ID)
+    left = side == "left"
+    row = torch.cat([pad, short]) if left else torch.cat([short, pad])
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1] = torch.tensor([0, 0, 0, 1, 1, 1, 1] if left else [1, 1, 1, 1, 0, 0, 0])
+    return torch.stack([full, row]), mask, [6, 6 if left else 3], full, short
+
+
+def last_position_direction(n_pos: int, last: list[int]) -> torch.Tensor:
+    """A readout of each example's last real position only (so padded positions feed nothing)."""
+    d = torch.zeros(len(last), n_pos, tm.VOCAB)
+    v = direction_for_test((tm.VOCAB,), seed=7)
+    for b, p in enumerate(last):
+        d[b, p] = v
+    return d
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("model_id", MODELS)
+def test_padding_gradients_are_finite_and_match_unpadded_runs(model_id, side):
+    model = cached_model(*model_id)
+    tokens, mask, last, full, short = padded_batch(side)
+    gim = GIMHookSet()
+    _, everywhere, _ = run(model, tokens, gim, attention_mask=mask)  # readout at every position, pads included
+    assert torch.isfinite(everywhere).all()
+    _, got, _ = run(model, tokens, gim, direction=last_position_direction(7, last), attention_mask=mask)
+    _, alone_full, _ = run(model, full[None], gim, direction=last_position_direction(7, [6]))
+    _, alone_short, _ = run(model, short[None], gim, direction=last_position_direction(4, [3]))
+    real = slice(3, None) if side == "left" else slice(0, 4)
+    assert max_rel_err(got[0], alone_full[0]) <= REF_RTOL
+    assert max_rel_err(got[1, real], alone_short[0]) <= REF_RTOL
+    assert torch.all(got[1, mask[1] == 0] == 0), "padded positions feed nothing: zero gradient"
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_left_padding_fully_masked_rows_get_zero_tsg_gradient(model_id):
+    """Pad query rows see every key masked; read out at every position so they do receive a gradient."""
+    model = cached_model(*model_id)
+    tokens, mask, _, _, _ = padded_batch("left")
+    scores, grads, _ = scores_and_grads(model, tokens, GIMHookSet(), attention_mask=mask)
+    assert_all_fired(grads, model)
+    for i in range(model.cfg.n_layers):
+        s = scores[f"blocks.{i}.attn.hook_attn_scores"]
+        empty = (s <= torch.finfo(s.dtype).min / 2).all(-1)
+        assert empty.sum() > 0, "left padding must produce fully masked query rows"
+        assert grads[f"blocks.{i}.attn.hook_pattern"][empty].abs().max() > 0, "the check would be vacuous"
+        g = grads[f"blocks.{i}.attn.hook_attn_scores"]
+        assert torch.isfinite(g).all() and torch.all(g[empty] == 0)
+
+
+# --------------------------------------------------------------------------------------
+# 8. Low precision
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("model_id", MODELS)
+def test_low_precision_models(model_id, dtype):
+    kind, name = model_id
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = fresh_model(kind, name, dtype=dtype)
+    tokens = tokens_for_test()
+    logits_plain, _, _ = run(model, tokens)
+    logits, got, _ = run(model, tokens, GIMHookSet())
+    assert torch.equal(logits, logits_plain), "the forward pass must be bit-identical with GIM"
+    assert torch.isfinite(got).all()
+    _, fp32, _ = run(cached_model(kind, name), tokens, GIMHookSet())
+    rel = ((got.float() - fp32).norm() / fp32.norm()).item()
+    assert rel <= DTYPE_RTOL[dtype], f"{dtype} GIM gradient is {rel:.3g} (relative L2) from fp32"
+    # "auto" keeps the scores for fp16 patterns (underflow) and the pattern otherwise.
+    chosen = "scores" if dtype == torch.float16 else "pattern"
+    other = "pattern" if chosen == "scores" else "scores"
+    _, same, _ = run(model, tokens, GIMHookSet(tsg_source=chosen))
+    _, diff, _ = run(model, tokens, GIMHookSet(tsg_source=other))
+    assert torch.equal(got, same), f"auto should use the {chosen} source for {dtype}"
+    assert not torch.equal(got, diff), "the two TSG sources must be distinguishable for this check to mean anything"
+
+
+# --------------------------------------------------------------------------------------
+# 9. Forward bit-identity and the ways to attach
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_forward_is_bit_identical_for_every_attach_style(model_id):
+    model = cached_model(*model_id)
+    tokens = tokens_for_test()
+    with torch.no_grad():
+        plain = model(tokens)
+    gim = GIMHookSet()
+    logits = {}
+    with model.hooks(fwd_hooks=gim.fwd_hooks(model), bwd_hooks=gim.bwd_hooks(model)):
+        logits["hooks"] = model(tokens)
+    with gim.attach(model):
+        logits["attach"] = model(tokens)
+    gim.add_to(model)
+    try:
+        logits["add_to"] = model(tokens)
+    finally:
+        gim.remove_from(model)
+    logits["run_with_hooks"] = gim.run_with_hooks(model, tokens)
+    model.zero_grad(set_to_none=True)
+    for style, out in logits.items():
+        assert out.requires_grad and torch.equal(out, plain), style
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_attach_styles_give_the_same_gim_gradient(model_id):
+    model = cached_model(*model_id)
+    tokens = tokens_for_test()
+    d = direction_for_test((BATCH, SEQ, tm.VOCAB))
+    _, _, want = run(model, tokens, GIMHookSet())
+    _, _, plain = run(model, tokens)
+
+    def param_grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    gim = GIMHookSet()
+
+    def attached():
+        with gim.attach(model):
+            return (model(tokens) * d).sum()
+
+    got = {"attach": param_grads(attached)}
+    got["run_with_hooks"] = param_grads(lambda: (gim.run_with_hooks(model, tokens) * d).sum())
+    for style, grads in got.items():
+        assert grads.keys() == want.keys()
+        assert all(torch.equal(grads[n], want[n]) for n in want), style
+    assert any(not torch.equal(plain[n], want[n]) for n in want)
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_add_to_survives_reset_hooks_and_remove_from_keeps_user_hooks(model_id):
+    model = fresh_model(*model_id)
+    tokens = tokens_for_test()
+    d = direction_for_test((BATCH, SEQ, tm.VOCAB))
+    _, _, want = run(model, tokens, GIMHookSet())
+    _, _, plain = run(model, tokens)
+
+    def grads_now():
+        model.zero_grad(set_to_none=True)
+        (model(tokens) * d).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    gim = GIMHookSet()
+    gim.add_to(model)
+    model.reset_hooks()
+    got = grads_now()
+    assert all(torch.equal(got[n], want[n]) for n in want), "GIM must survive reset_hooks()"
+    calls = []
+    model.add_hook("blocks.0.hook_resid_pre", lambda x, hook: calls.append("fwd"))
+    model.add_perma_hook("ln_final.hook_scale", lambda x, hook: calls.append("perma"))
+    gim.remove_from(model)
+    got = grads_now()
+    assert all(torch.equal(got[n], plain[n]) for n in plain), "remove_from must restore plain gradients"
+    assert calls == ["fwd", "perma"], "remove_from must leave the user's hooks in place"
+    model.reset_hooks(including_permanent=True)
+
+
+# --------------------------------------------------------------------------------------
+# 10. Self-checks and model errors
+# --------------------------------------------------------------------------------------
+
+
+def expected_rules(kind: str, name: str, n_layers: int) -> set[tuple[str, str]]:
+    """Every (rule, site) full GIM must report, derived from the architecture (not from the hook set)."""
+    out = {("freeze_norm", "ln_final")}
+    for i in range(n_layers):
+        b = f"blocks.{i}"
+        out |= {("tsg", f"{b}.attn")} | {(f"grad_norm.{p}", f"{b}.attn.hook_{p}") for p in "qkv"}
+        if is_gated(name):
+            out |= {("grad_norm.gate", f"{b}.mlp.hook_pre"), ("grad_norm.up", f"{b}.mlp.hook_pre_linear")}
+        norms = ("ln1", "ln1_post", "ln2", "ln2_post") if has_post_norms(name) else ("ln1", "ln2")
+        out |= {("freeze_norm", f"{b}.{n}") for n in norms}
+    return out
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_report_lists_every_rule_and_verify_checks_backward(model_id):
+    model = cached_model(*model_id)
+    tokens = tokens_for_test()
+    gim = GIMHookSet()
+    with gim.attach(model):
+        logits = model(tokens)
+        with pytest.raises(GIMRuleError):  # forward only: nothing applied in backward yet
+            gim.verify()
+        logits.sum().backward()
+    model.zero_grad(set_to_none=True)
+    report = gim.verify()
+    assert {(r.rule, r.site) for r in report} == expected_rules(*model_id, model.cfg.n_layers)
+    # One forward and one backward each; HookedTransformer runs ln1 three times (separate q/k/v inputs).
+    calls = lambda r: 3 if model_id[0] == "hooked" and r.site.endswith(".ln1") else 1
+    assert all(r.forward == calls(r) and r.backward == calls(r) for r in report), str(report)
+    assert "did not fire" not in str(report)
+
+
+def backward_from_layer_zero(model, gim: GIMHookSet) -> None:
+    """Full forward with GIM, backward from a metric on layer 0's output only."""
+    seen = {}
+    keep = lambda x, hook: seen.__setitem__("resid", x)
+    with model.hooks(fwd_hooks=gim.fwd_hooks(model) + [("blocks.0.hook_resid_post", keep)]):
+        model(tokens_for_test())
+        seen["resid"].sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_verify_names_rules_that_got_no_gradient(model_id):
+    """Layer 1's attention rules see no gradient: verify raises and names them; layer 0 is complete."""
+    model = cached_model(*model_id)
+    gim = GIMHookSet()
+    backward_from_layer_zero(model, gim)
+    with pytest.raises(GIMRuleError, match=r"blocks\.1\.attn"):
+        gim.verify()
+    missing = {(r.rule, r.site) for r in gim.report().missing}
+    assert {("tsg", "blocks.1.attn"), ("grad_norm.q", "blocks.1.attn.hook_q")} <= missing
+    assert not any(site.startswith("blocks.0.") for _, site in missing), missing
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_verify_flags_norms_that_got_no_gradient(model_id):
+    """No gradient reaches layer 1's norms or ln_final: their freeze must not be reported as applied."""
+    model = cached_model(*model_id)
+    gim = GIMHookSet()
+    backward_from_layer_zero(model, gim)
+    missing = {r.site for r in gim.report().missing if r.rule == "freeze_norm"}
+    assert {"ln_final", "blocks.1.ln1", "blocks.1.ln2"} <= missing, f"reported as applied: {gim.report()}"
+
+
+def test_non_transformer_lens_model_is_rejected():
+    with pytest.raises(GIMModelError, match="HookedTransformer or TransformerBridge"):
+        GIMHookSet().fwd_hooks(nn.Linear(4, 4))
+
+
+def _model_missing_hook_pattern():
+    """A HookedRootModule named like TL's HookedTransformer whose attention lacks ``hook_pattern``."""
+    from transformer_lens import HookedRootModule
+    from transformer_lens.hook_points import HookPoint
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            for p in ("attn_scores", "q", "k", "v"):
+                setattr(self, f"hook_{p}", HookPoint())
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = Attn()
+            self.mlp = nn.Module()
+            self.mlp.hook_pre = HookPoint()
+
+    class HookedTransformer(HookedRootModule):
+        def __init__(self):
+            super().__init__()
+            self.cfg = SimpleNamespace(n_layers=1, gated_mlp=False)
+            self.blocks = nn.ModuleList([Block()])
+            self.setup()
+
+    return HookedTransformer()
+
+
+def test_model_missing_a_hook_point_is_named():
+    with pytest.raises(GIMModelError, match=r"blocks\.0\.attn\.hook_pattern"):
+        GIMHookSet().fwd_hooks(_model_missing_hook_pattern())
+
+
+def test_boot_native_bridge_is_rejected():
+    import transformer_lens
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = transformer_lens.TransformerBridgeConfig(
+        n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=tm.VOCAB, n_ctx=16, act_fn="silu",
+        gated_mlp=True, normalization_type="RMS", final_rms=True, positional_embedding_type="rotary",
+        rotary_dim=8, seed=0, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = TransformerBridge.boot_native(cfg).eval()
+    with pytest.raises(GIMModelError, match="boot_native"):
+        with GIMHookSet().attach(model):
+            model(tokens_for_test(seq=4)).sum().backward()
+
+
+def test_bridge_in_training_mode_is_rejected():
+    model = fresh_model("bridge", "llama").train()
+    with pytest.raises(GIMModelError, match="training mode"):
+        GIMHookSet().fwd_hooks(model)
+
+
+@pytest.mark.parametrize("model_id", [MODELS[0], MODELS[len(tm.BRIDGE_FAMILIES)]])
+def test_softmax_in_user_metric_is_untouched(model_id):
+    """GIM changes attention softmaxes only: a metric's own (log-)softmax keeps its exact gradient."""
+    model = cached_model(*model_id)
+    tokens = tokens_for_test()
+    target = tokens_for_test(seed=9)  # one target token per position
+    metrics = {
+        "log_softmax": lambda z: torch.log_softmax(z, -1).gather(-1, target[..., None]).sum(),
+        "F.softmax": lambda z: torch.nn.functional.softmax(z, dim=-1).gather(-1, target[..., None]).sum(),
+        "Tensor.softmax": lambda z: z.softmax(-1).gather(-1, target[..., None]).sum(),
+    }
+    for label, metric in metrics.items():
+        with GIMHookSet().attach(model):
+            logits = model(tokens)
+            logits.retain_grad()
+            metric(logits).backward()
+        model.zero_grad(set_to_none=True)
+        z = logits.detach().double()
+        p = torch.softmax(z, -1)
+        onehot = torch.nn.functional.one_hot(target, tm.VOCAB).double()
+        want = onehot - p if label == "log_softmax" else p.gather(-1, target[..., None]) * (onehot - p)
+        torch.testing.assert_close(logits.grad.double(), want, rtol=1e-5, atol=1e-6, msg=label)
+
+
+# --------------------------------------------------------------------------------------
+# 11. Multi-device
+# --------------------------------------------------------------------------------------
+
+
+@needs_hooked
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 devices")
+def test_two_devices_keep_saved_tensors_on_their_layers_device():
+    """Blocks split over two GPUs: every tensor autograd saves inside block i is on block i's device."""
+    from transformer_lens.utilities.multi_gpu import get_device_for_block_index
+
+    tokens = tokens_for_test()
+    _, want, _ = run(fresh_model("hooked", "llama_like"), tokens, GIMHookSet())
+    model = fresh_model("hooked", "llama_like")
+    model.cfg.device, model.cfg.n_devices = "cuda", 2
+    devices = [get_device_for_block_index(i, model.cfg) for i in range(model.cfg.n_layers)]
+    assert len(set(devices)) == 2
+    for block, device in zip(model.blocks, devices, strict=True):
+        block.to(device)
+    model.embed.to(devices[0])
+    model.ln_final.to(devices[-1])
+    model.unembed.to(devices[-1])
+    current, wrong = {}, []
+
+    def enter(i):
+        return lambda x, hook: current.__setitem__("layer", i)
+
+    def pack(t):
+        layer = current.get("layer")
+        if layer is not None and t.device != devices[layer]:
+            wrong.append((layer, t.device, tuple(t.shape)))
+        return t
+
+    enter_hooks = [(f"blocks.{i}.hook_resid_pre", enter(i)) for i in range(model.cfg.n_layers)]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, got, _ = run(model, tokens.to(devices[0]), GIMHookSet(), fwd_hooks=enter_hooks)
+    assert not wrong, f"saved tensors off their layer's device: {wrong[:5]}"
+    assert max_rel_err(got.cpu(), want) <= 1e-4
+
+
+# --------------------------------------------------------------------------------------
+# 12. run_with_cache(incl_bwd=True) under GIM
+# --------------------------------------------------------------------------------------
+
+
+def reference_loss_record(arch, tokens, rules):
+    """The reference's next-token cross-entropy (TL's ``return_type="loss"``) and its retained intermediates."""
+    embeds = arch.w_embed[tokens].detach().clone().requires_grad_(True)
+    record: dict = {}
+    logits = ref.forward(arch, embeds, rules, record)
+    logp = torch.log_softmax(logits, -1)[:, :-1].gather(-1, tokens[:, 1:, None])
+    (-logp.mean()).backward()
+    return record
+
+
+def cache_and_reference(model_id):
+    """GIM's ``run_with_cache(incl_bwd=True, return_type="loss")`` and the reference's retained gradients."""
+    model = cached_model(*model_id)
+    tokens = tokens_for_test()
+    with GIMHookSet().attach(model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bridge: bwd caching hooks on hook_scale switch RMSNorm to its python path
+        _, cache = model.run_with_cache(tokens, return_type="loss", incl_bwd=True)
+    model.zero_grad(set_to_none=True)
+    record = reference_loss_record(reference_arch(*model_id, model), tokens, ref.Rules.named("gim"))
+    return model, cache, record
+
+
+def assert_cached_grads_match(model, cache, record, points) -> None:
+    for i in range(model.cfg.n_layers):
+        for point in points:
+            name = f"blocks.{i}.{point}"
+            assert f"{name}_grad" in cache, f"{name}_grad missing from run_with_cache(incl_bwd=True) under GIM"
+            got, want = cache[f"{name}_grad"], record[name].grad
+            assert got.shape == want.shape, name
+            assert max_rel_err(got, want) <= REF_RTOL, name
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_run_with_cache_resid_and_q_grads(model_id):
+    """Cached ``hook_resid_pre`` grads are GIM grads; ``hook_q`` grads are taken before the ¼ factor."""
+    model, cache, record = cache_and_reference(model_id)
+    assert_cached_grads_match(model, cache, record, ("hook_resid_pre", "attn.hook_q"))
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_run_with_cache_attn_scores_grad_is_tsg_gradient(model_id):
+    model, cache, record = cache_and_reference(model_id)
+    assert_cached_grads_match(model, cache, record, ("attn.hook_attn_scores",))
+
+
+def test_hooked_models_are_covered_where_available():
+    """Guards against a silent skip: on TL 3.9 the HookedTransformer variants must build."""
+    if not HAS_HOOKED:
+        pytest.skip("TL 4: HookedTransformer is not importable")
+    assert type(cached_model("hooked", tm.HT_VARIANTS[0])).__name__ == "HookedTransformer"

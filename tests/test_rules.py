@@ -1,0 +1,243 @@
+"""Unit tests of ``gim_tl.rules`` against hand-derived math (no models).
+
+TSG is checked against the softmax Jacobian ``diag(a) − a aᵀ`` at ``a = softmax(S/T)``, built row by row
+in float64; the norm correction against autograd of hand-written norms whose statistic is detached.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gim_tl import rules
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+#: fp32 TSG tolerance, relative to the largest gradient entry (observed errors are ~1e-7 of it).
+TSG_RTOL = 2e-6
+
+
+def masked_rows_case(mask_value: float, seed: int = 0, dtype=torch.float32):
+    """Scores ``[2, 3, 6, 6]``: causal mask, random extra masked keys, one fully masked and one single-key row."""
+    g = torch.Generator().manual_seed(seed)
+    scores = 4 * torch.randn(2, 3, 6, 6, generator=g)
+    mask = torch.ones(6, 6, dtype=torch.bool).triu(1).expand(2, 3, 6, 6).clone()
+    mask |= torch.rand(2, 3, 6, 6, generator=g) < 0.25
+    mask[..., 0] = False  # every row keeps key 0 ...
+    mask[0, 0, 2, :] = True  # ... except a fully masked row
+    mask[1, 2, 4, :] = True
+    mask[1, 2, 4, 3] = False  # a single-key row
+    fill = torch.tensor(mask_value, dtype=dtype)
+    scores = scores.to(dtype).masked_fill(mask, fill)
+    grad_pattern = torch.randn(2, 3, 6, 6, generator=g)
+    return scores, mask, grad_pattern
+
+
+def tsg_row_by_row(scores, mask, grad_pattern, temperature):
+    """``dS = J(softmax(S/T)) g`` per row in float64 over the valid keys; 0 elsewhere and on empty rows."""
+    n_keys = scores.shape[-1]
+    rows_s, rows_m, rows_g = scores.reshape(-1, n_keys), mask.reshape(-1, n_keys), grad_pattern.reshape(-1, n_keys)
+    out = torch.zeros(rows_s.shape, dtype=torch.float64)
+    for r in range(rows_s.shape[0]):
+        valid = ~rows_m[r]
+        if not valid.any():
+            continue
+        a = torch.softmax(rows_s[r][valid].double() / temperature, dim=0)
+        jac = torch.diag(a) - torch.outer(a, a)
+        out[r, valid] = jac @ rows_g[r][valid].double()
+    return out.reshape(scores.shape)
+
+
+def pattern_as_models_make_it(scores):
+    """What TL puts at ``hook_pattern``: softmax, with HookedTransformer's NaN → 0 for ``-inf`` rows."""
+    p = torch.softmax(scores.float(), dim=-1)
+    return torch.where(torch.isnan(p), torch.zeros_like(p), p)
+
+
+def assert_tsg_close(got, want):
+    scale = want.abs().max().item()
+    err = (got.double() - want).abs().max().item()
+    assert err <= TSG_RTOL * scale, f"max |Δ| = {err:.3e} > {TSG_RTOL} × {scale:.3e}"
+
+
+MASKS = [pytest.param(-math.inf, id="-inf"), pytest.param(torch.finfo(torch.float32).min, id="finfo.min")]
+
+
+@pytest.mark.parametrize("mask_value", MASKS)
+@pytest.mark.parametrize("source_is_scores", [True, False], ids=["scores", "pattern"])
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 5.0])
+def test_tsg_reference_equals_jacobian(mask_value, source_is_scores, temperature):
+    scores, mask, g = masked_rows_case(mask_value)
+    source = scores if source_is_scores else pattern_as_models_make_it(scores)
+    row_valid = ~mask.all(-1)
+    got = rules.tsg_grad_scores_reference(source, g, temperature, source_is_scores=source_is_scores,
+                                          row_valid=row_valid)
+    want = tsg_row_by_row(scores, mask, g, temperature)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    assert_tsg_close(got, want)
+    assert torch.all(got[~row_valid] == 0), "fully masked rows must get a zero gradient"
+    assert torch.all(got[mask] == 0), "masked keys must get a zero gradient"
+
+
+@pytest.mark.parametrize("mask_value", MASKS)
+def test_tsg_from_scores_finds_empty_rows_itself(mask_value):
+    """Without ``row_valid``, the scores source detects fully masked rows (any TL mask value)."""
+    scores, mask, g = masked_rows_case(mask_value)
+    got = rules.tsg_grad_scores_reference(scores, g, 2.0, source_is_scores=True)
+    assert_tsg_close(got, tsg_row_by_row(scores, mask, g, 2.0))
+
+
+def test_tsg_from_zero_pattern_row_is_zero():
+    """HookedTransformer's fully masked rows have an all-zero pattern (NaN → 0): zero gradient, no NaN."""
+    scores, mask, g = masked_rows_case(-math.inf)
+    got = rules.tsg_grad_scores_reference(pattern_as_models_make_it(scores), g, 2.0, source_is_scores=False)
+    assert torch.isfinite(got).all()
+    assert_tsg_close(got, tsg_row_by_row(scores, mask, g, 2.0))
+
+
+@pytest.mark.parametrize("mask_value", MASKS)
+@pytest.mark.parametrize("keep_scores", [True, False], ids=["scores", "pattern"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.5])
+def test_apply_tsg_backward_equals_jacobian(mask_value, keep_scores, temperature):
+    scores, mask, g = masked_rows_case(mask_value, seed=1)
+    leaf = scores.clone().requires_grad_(True)
+    pattern = torch.softmax(leaf, dim=-1)
+    pattern = torch.where(torch.isnan(pattern), torch.zeros_like(pattern), pattern)
+    out = rules.apply_tsg(leaf, pattern, temperature, keep_scores=keep_scores, use_triton=False)
+    assert torch.equal(out, pattern), "apply_tsg must not change the forward value"
+    out.backward(g)
+    assert_tsg_close(leaf.grad, tsg_row_by_row(scores, mask, g, temperature))
+
+
+def test_apply_tsg_maps_gradients_and_keeps_dtype():
+    seen = {}
+    scores = torch.randn(1, 2, 4, 4, dtype=torch.bfloat16, requires_grad=True)
+    out = rules.apply_tsg(scores, torch.softmax(scores.float(), -1).to(scores.dtype), 2.0, use_triton=False,
+                          map_grad_pattern=lambda g: seen.setdefault("pattern", 2 * g),
+                          map_grad_scores=lambda d: seen.setdefault("scores", -d))
+    g = torch.randn(1, 2, 4, 4, dtype=torch.bfloat16)
+    out.backward(g)
+    assert torch.equal(seen["pattern"], 2 * g) and scores.grad.dtype == torch.bfloat16
+    expected = rules.tsg_grad_scores_reference(scores.detach(), 2 * g, 2.0, source_is_scores=True)
+    assert torch.equal(seen["scores"], scores.grad) and torch.allclose(scores.grad.float(), -expected, atol=1e-2)
+
+
+@pytest.mark.parametrize("mask_value", MASKS)
+def test_tsg_at_temperature_one_is_plain_softmax_backward(mask_value):
+    scores, mask, g = masked_rows_case(mask_value, seed=2)
+    keep = ~mask.all(-1)  # plain backward of an all -inf row is NaN: compare the other rows
+    plain = scores.clone().requires_grad_(True)
+    torch.softmax(plain, -1).backward(g)
+    tsg = scores.clone().requires_grad_(True)
+    rules.apply_tsg(tsg, torch.softmax(tsg, -1), 1.0, use_triton=False).backward(g)
+    torch.testing.assert_close(tsg.grad[keep], plain.grad[keep], rtol=1e-6, atol=1e-6 * g.abs().max().item())
+
+
+def test_tsg_high_temperature_limit():
+    """As T → ∞ a row with n valid keys gets ``(g_j − mean_valid(g)) / n`` (spec §2.1)."""
+    scores, mask, g = masked_rows_case(-math.inf, seed=3)
+    got = rules.tsg_grad_scores_reference(scores, g, 1e7, source_is_scores=True)
+    valid = (~mask).double()
+    n = valid.sum(-1, keepdim=True).clamp_min(1)
+    mean = (g.double() * valid).sum(-1, keepdim=True) / n
+    want = valid * (g.double() - mean) / n
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 2.0, 4.0])
+def test_tempered_pattern_equals_softmax_of_scaled_scores(temperature):
+    scores, mask, _ = masked_rows_case(torch.finfo(torch.float32).min, seed=4)
+    want = torch.softmax(scores.masked_fill(mask, -math.inf).double() / temperature, -1)
+    want = torch.nan_to_num(want, nan=0.0)  # fully masked row -> zeros
+    from_scores = rules.tempered_pattern(scores, temperature, source_is_scores=True)
+    from_pattern = rules.tempered_pattern(torch.nan_to_num(torch.softmax(scores.masked_fill(mask, -math.inf), -1)),
+                                          temperature, source_is_scores=False)
+    torch.testing.assert_close(from_scores.double(), want, rtol=0, atol=1e-6)
+    torch.testing.assert_close(from_pattern.double(), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_masked_below_recognises_tl_mask_values(dtype):
+    fmin = torch.finfo(dtype).min
+    x = torch.tensor([-math.inf, fmin, fmin + fmin, 0.0, -1e4], dtype=dtype)
+    assert rules.masked_below(x).tolist() == [True, True, True, False, False]
+
+
+# --------------------------------------------------------------------------------------
+# Gradient normalization
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factor", [0.25, 0.5, 0.3])
+def test_scale_grad_is_identity_forward_and_scales_backward(factor):
+    calls = []
+    x = torch.randn(3, 5, requires_grad=True)
+    y = rules.scale_grad(x, factor, lambda: calls.append(1))
+    assert torch.equal(y, x)
+    g = torch.randn(3, 5)
+    y.backward(g)
+    assert torch.equal(x.grad, g * factor) and calls == [1]
+
+
+def test_freeze_scale_detaches_without_changing_values():
+    scale = torch.rand(2, 3, 1, requires_grad=True) + 1
+    frozen = rules.freeze_scale(scale)
+    assert torch.equal(frozen, scale) and not frozen.requires_grad
+
+
+# --------------------------------------------------------------------------------------
+# Norm freeze: the correction that turns an exact norm VJP into the frozen one
+# --------------------------------------------------------------------------------------
+
+
+def hand_norm(x, weight, bias, *, centered, gemma, freeze, eps=1e-5):
+    """``w ⊙ (x − μ)/σ + b`` written out (μ = 0 and σ = rms for RMSNorm); ``freeze`` detaches σ."""
+    xc = x - x.mean(-1, keepdim=True) if centered else x
+    sigma = (xc.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    if freeze:
+        sigma = sigma.detach()
+    w = 1 + weight if gemma else weight
+    y = w * (xc / sigma)
+    return y if bias is None else y + bias, sigma
+
+
+NORMS = [
+    pytest.param(dict(centered=False, gemma=False, bias=False), id="rmsnorm"),
+    pytest.param(dict(centered=False, gemma=True, bias=False), id="gemma-rmsnorm"),
+    pytest.param(dict(centered=True, gemma=False, bias=True), id="layernorm-bias"),
+]
+
+
+@pytest.mark.parametrize("kind", NORMS)
+def test_frozen_norm_correction_turns_exact_into_frozen_gradient(kind):
+    gen = torch.Generator().manual_seed(5)
+    x = 3 * torch.randn(2, 4, 16, generator=gen) + 0.5
+    weight = torch.randn(16, generator=gen)
+    bias = torch.randn(16, generator=gen) if kind["bias"] else None
+    g = torch.randn(2, 4, 16, generator=gen)
+
+    grads = {}
+    for freeze in (False, True):
+        xi = x.clone().requires_grad_(True)
+        y, sigma = hand_norm(xi, weight, bias, centered=kind["centered"], gemma=kind["gemma"], freeze=freeze)
+        y.backward(g)
+        grads[freeze] = xi.grad
+    x_c = x - x.mean(-1, keepdim=True) if kind["centered"] else x
+    y_minus_bias = y.detach() - (bias if bias is not None else 0)
+    corrected = grads[False] + rules.frozen_norm_correction(x_c, y_minus_bias, sigma.detach(), g)
+    scale = grads[True].abs().max().item()
+    torch.testing.assert_close(corrected, grads[True], rtol=1e-5, atol=1e-5 * scale)
+    assert (grads[True] - grads[False]).abs().max() > 1e-2 * scale, "freeze must matter in this example"
+
+
+def test_add_to_grad_and_capture_grad():
+    x = torch.randn(4, requires_grad=True)
+    seen = []
+    extra = torch.randn(4)
+    y = rules.CaptureGrad.apply(rules.AddToGrad.apply(x, lambda: extra), seen.append)
+    assert torch.equal(y, x)
+    g = torch.randn(4)
+    y.backward(g)
+    assert torch.equal(seen[0], g) and torch.equal(x.grad, g + extra)
