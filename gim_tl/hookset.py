@@ -12,7 +12,8 @@ modified point:
 hook point                    gradient seen there
 ============================  ===========================================================
 ``attn.hook_attn_scores``     the TSG gradient (after the modification)
-``attn.hook_pattern``         ``dL/dA`` as it arrives from ``A @ V`` (TSG acts upstream of it)
+``attn.hook_pattern``         ``dL/dA`` as it arrives from ``A @ V``; a tensor returned there is
+                              what TSG then turns into the score gradient
 ``attn.hook_q/k/v``           the gradient *before* the ¼ / ¼ / ½ factor; upstream sees it scaled
 ``mlp.hook_pre/_pre_linear``  the gradient *before* the ½ factor (gated MLPs only)
 ``*.hook_scale``              none on HookedTransformer (the scale is detached: no gradient
@@ -20,8 +21,10 @@ hook point                    gradient seen there
 every other point             the GIM gradient (resid, z, result, mlp_out, embed, ...)
 ============================  ===========================================================
 
-A backward hook that *returns* a tensor at a modified point replaces what GIM sends upstream
-there (TL's last-returned-wins rule); read-only hooks are safe everywhere.
+A backward hook that *returns* a tensor at q/k/v/gate/up replaces what GIM sends upstream there
+(TL's last-returned-wins rule); read-only hooks are safe everywhere. TSG bypasses the model's own
+softmax node, so the set runs the backward hooks bound (at forward time, as PyTorch does) to
+``hook_pattern`` and ``hook_attn_scores`` itself, in the same order and with the same semantics.
 """
 
 from __future__ import annotations
