@@ -34,7 +34,7 @@ test-tl4: .venv/.done
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -rs
 
 test-tl39: .venv39/.done
-	HF_HUB_OFFLINE=1 .venv39/bin/python -m pytest -q -rs --ignore=tests/test_notebook.py
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 .venv39/bin/python -m pytest -q -rs --ignore=tests/test_notebook.py
 
 test: lint test-tl4 test-tl39
 
