@@ -24,6 +24,7 @@ import warnings  # noqa: E402
 import pytest  # noqa: E402
 import tiny_models  # noqa: E402
 import torch  # noqa: E402
+from conftest import HAS_HOOKED  # noqa: E402
 
 from gim_tl import GIMHookSet  # noqa: E402
 from gim_tl.attribution import (  # noqa: E402
@@ -34,14 +35,6 @@ from gim_tl.attribution import (  # noqa: E402
     resolve_positions,
     riemann_alphas,
 )
-
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from transformer_lens import HookedTransformer  # noqa: F401
-    HAS_HOOKED = True
-except ImportError:
-    HAS_HOOKED = False
 
 needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer was removed in TL 4.0; "
                                                          "the TL 3.9 venv runs these")

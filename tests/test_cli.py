@@ -27,15 +27,7 @@ needs_views = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None or importlib.util.find_spec("pandas") is None,
     reason="the command writes PNGs and CSVs: pip install 'gim_tl[views]'")
 
-try:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from transformer_lens import HookedTransformer  # noqa: F401
-    HAS_HOOKED = True
-except ImportError:
-    HAS_HOOKED = False
+from conftest import HAS_HOOKED  # noqa: E402
 
 _loaded: dict[tuple, object] = {}
 

@@ -19,22 +19,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import importlib.util  # noqa: E402
-import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from conftest import HAS_HOOKED  # noqa: E402
 from tiny_models import hf_model, toy_tokenizer  # noqa: E402
 
 from gim_tl.models import DEFAULT_MODEL, load_model, model_kind, tokens_for  # noqa: E402
-
-try:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from transformer_lens import HookedTransformer  # noqa: F401
-
-    HAS_HOOKED = True
-except ImportError:
-    HAS_HOOKED = False
 
 needs_hooked = pytest.mark.skipif(
     not HAS_HOOKED, reason="HookedTransformer was removed in TL 4.0; the TL 3.9 venv covers backend='hooked'"
