@@ -18,6 +18,9 @@ hook point                    gradient seen there
 ``mlp.hook_pre/_pre_linear``  the gradient *before* the ½ factor (gated MLPs only)
 ``*.hook_scale``              none on HookedTransformer (the scale is detached: no gradient
                               flows into it); TransformerBridge: the exact one, never used
+``ln*.hook_in`` (Bridge)      the exact norm gradient; the freeze correction is added as it
+                              leaves the point (TL aliases ``hook_resid_mid`` to ``ln2.hook_in``
+                              on bridges: read ``hook_resid_pre/post`` for residual gradients)
 every other point             the GIM gradient (resid, z, result, mlp_out, embed, ...)
 ============================  ===========================================================
 
@@ -123,6 +126,7 @@ class GIMHookSet:
         layout = discover(model)
         self._check_model(model, layout)
         self._expected = []
+        self.reset_counts()
         hooks: list[Hook] = []
         cfg = self.config
         for sites in layout.layers:
