@@ -131,7 +131,7 @@ class GIMHookSet:
         cfg = self.config
         for sites in layout.layers:
             if cfg.tsg:
-                hooks += self._tsg_hooks(model, sites)
+                hooks += self._tsg_hooks(layout, sites)
             if cfg.grad_norm:
                 hooks += self._grad_norm_hooks(sites)
         if cfg.freeze_norm:
@@ -164,8 +164,9 @@ class GIMHookSet:
         if id(model) in self._persistent:
             raise RuntimeError("this GIMHookSet is already attached to this model; call remove_from(model) first")
         handles = []
+        hook_points = dict(model.hook_dict)
         for name, fn in self.fwd_hooks(model):
-            point = model.hook_dict[name]
+            point = hook_points[name]
             model.add_hook(name, fn, dir="fwd", is_permanent=True)
             handles.append((point, point.fwd_hooks[-1]))
         self._persistent[id(model)] = handles
@@ -233,12 +234,12 @@ class GIMHookSet:
 
         return fired
 
-    def _tsg_hooks(self, model, sites: LayerSites) -> list[Hook]:
+    def _tsg_hooks(self, layout: ModelLayout, sites: LayerSites) -> list[Hook]:
         cfg = self.config
         site = sites.attn
         fired = self._counted("tsg", site)
-        scores_point = model.hook_dict[f"{site}.hook_attn_scores"]
-        pattern_point = model.hook_dict[f"{site}.hook_pattern"]
+        scores_point = layout.hook_points[f"{site}.hook_attn_scores"]
+        pattern_point = layout.hook_points[f"{site}.hook_pattern"]
         pending: dict = {}
 
         def save_scores(scores, hook):

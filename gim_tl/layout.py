@@ -56,6 +56,7 @@ class ModelLayout:
     kind: Kind
     layers: tuple[LayerSites, ...]
     norms: tuple[NormSite, ...]
+    hook_points: dict  # name -> HookPoint, read once (a Bridge rebuilds ``hook_dict`` on every access)
 
 
 def model_kind(model) -> Kind:
@@ -71,8 +72,8 @@ def model_kind(model) -> Kind:
     )
 
 
-def _require(model, names: list[str], why: str) -> None:
-    missing = [n for n in names if n not in model.hook_dict]
+def _require(model, hook_points: dict, names: list[str], why: str) -> None:
+    missing = [n for n in names if n not in hook_points]
     if missing:
         raise GIMModelError(
             f"{type(model).__name__} lacks hook points GIM needs for {why}: {missing}. "
@@ -81,8 +82,8 @@ def _require(model, names: list[str], why: str) -> None:
         )
 
 
-def _bridge_norm(model, prefix: str) -> NormSite:
-    _require(model, [f"{prefix}.hook_in", f"{prefix}.hook_out"], f"the norm freeze at {prefix}")
+def _bridge_norm(model, hook_points: dict, prefix: str) -> NormSite:
+    _require(model, hook_points, [f"{prefix}.hook_in", f"{prefix}.hook_out"], f"the norm freeze at {prefix}")
     module = model.get_submodule(prefix)
     rms = bool(getattr(module, "uses_rms_norm", False))
     original = getattr(module, "original_component", None)
@@ -100,26 +101,26 @@ def discover(model) -> ModelLayout:
     if getattr(cfg, "use_attention_sinks", False):
         raise GIMModelError("attention sinks change the softmax: TSG cannot be recomputed from hook_pattern.")
 
+    hook_points = dict(model.hook_dict)
     layers = []
     for layer in range(n_layers):
         prefix = f"blocks.{layer}"
         names = [f"{prefix}.attn.hook_{p}" for p in ("attn_scores", "pattern", "q", "k", "v")]
-        _require(model, names + [f"{prefix}.mlp.hook_pre"], f"layer {layer}")
+        _require(model, hook_points, names + [f"{prefix}.mlp.hook_pre"], f"layer {layer}")
         if kind == "bridge":
             attn = model.get_submodule(f"{prefix}.attn")
             hf_attn = getattr(attn, "original_component", None)
             if getattr(hf_attn, "sinks", None) is not None:
                 raise GIMModelError(f"{prefix}.attn has attention sinks: TSG cannot be recomputed from hook_pattern.")
-            gated = f"{prefix}.mlp.hook_pre_linear" in model.hook_dict
+            gated = f"{prefix}.mlp.hook_pre_linear" in hook_points
         else:
             gated = bool(cfg.gated_mlp)
             if gated:
-                _require(model, [f"{prefix}.mlp.hook_pre_linear"], f"the gated MLP of layer {layer}")
+                _require(model, hook_points, [f"{prefix}.mlp.hook_pre_linear"], f"the gated MLP of layer {layer}")
         layers.append(LayerSites(layer, gated))
 
-    scale_points = [n for n in model.hook_dict if n.endswith(".hook_scale")]
     norms = []
-    for name in scale_points:
+    for name in [n for n in hook_points if n.endswith(".hook_scale")]:
         prefix = name[: -len(".hook_scale")]
-        norms.append(NormSite(prefix, "detach") if kind == "hooked" else _bridge_norm(model, prefix))
-    return ModelLayout(kind, tuple(layers), tuple(norms))
+        norms.append(NormSite(prefix, "detach") if kind == "hooked" else _bridge_norm(model, hook_points, prefix))
+    return ModelLayout(kind, tuple(layers), tuple(norms), hook_points)
