@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import cpu_model  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from gim_tl import PRESET_LABELS, GIMHookSet  # noqa: E402
@@ -183,16 +183,6 @@ def outcome(results: list[SetResult]) -> str:
                 lines.append(f"{result.name}, {label}, {stat}: GIM {g:.3f} vs plain {p:.3f} "
                              f"({'GIM higher' if g > p else 'plain higher or equal'})")
     return f"GIM above plain in {wins} of {total} comparisons.\n\n" + "\n".join(f"- {x}" for x in lines)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def scatter(results: list[SetResult], path: Path) -> None:

@@ -3,13 +3,17 @@
 Measured side by side in one run on SmolLM2-135M-Instruct (TransformerBridge, fp32), at
 seq 64 and 512, batch 1 and 8. For each shape it reports:
 
-* time: median wall time of forward+backward, plain and GIM runs interleaved;
+* time: median wall time of forward+backward, plain and GIM runs interleaved (GIM includes
+  attaching its hooks, ~7 ms, on every call);
 * saved: bytes autograd keeps for backward (distinct storages seen by ``saved_tensors_hooks``),
   the memory that grows with batch × heads × seq² — the exact "no extra [b,h,q,k] per layer" check;
 * peak: peak RSS of a fresh process running one forward+backward, minus its RSS before it
   (each mode in its own subprocess, since ru_maxrss never goes down).
 
-Usage: ``python benchmarks/overhead.py [--repeats 5] [--shapes 1x64,8x64,1x512,8x512] [--out FILE]``.
+Every measurement runs in a subprocess of its own, so at most one model and one batch are in
+memory (batch 8 × seq 512 needs about 15 GB of the machine's 24).
+
+Usage: ``python benchmarks/overhead.py [--repeats 5] [--shapes 1x64,8x64,1x512,8x512] [--threads N] [--out FILE]``.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -27,6 +30,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import cpu_model  # noqa: E402
 
 from gim_tl import GIMHookSet  # noqa: E402
 from gim_tl.models import load_model  # noqa: E402
@@ -43,13 +47,12 @@ def fwd_bwd(model, tokens, hook_set: GIMHookSet | None) -> None:
 
 
 def saved_bytes(model, tokens, hook_set: GIMHookSet | None) -> int:
-    """Bytes of the distinct storages autograd saves for backward during one forward."""
+    """Bytes of the distinct non-parameter storages autograd saves for backward during one forward."""
     storages: dict[int, int] = {}
 
     def pack(t):
-        if t.device.type == "cpu" or t.is_cuda:
-            s = t.untyped_storage()
-            storages[s.data_ptr()] = s.nbytes()
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -71,78 +74,71 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def peak_child(batch: int, seq: int, mode: str) -> float:
-    """Peak RSS growth (MB) of one forward+backward in a fresh subprocess."""
-    out = subprocess.run([sys.executable, __file__, "--child", f"{batch}x{seq}", mode],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
-
-
-def child(shape: str, mode: str) -> None:
+def child(task: str, shape: str, mode: str, repeats: int) -> dict:
+    """``time``: interleaved plain/GIM timings and saved bytes; ``peak``: one pass's peak RSS growth."""
     batch, seq = map(int, shape.split("x"))
+    torch.manual_seed(0)
     model = load_model()
     tokens = torch.randint(100, model.cfg.d_vocab, (batch, seq))
-    hook_set = GIMHookSet() if mode == "gim" else None
-    fwd_bwd(model, tokens[:, :8], hook_set)  # warm-up at a tiny size
+    gim = GIMHookSet()
+    if task == "peak":
+        hook_set = gim if mode == "gim" else None
+        fwd_bwd(model, tokens[:, :8], hook_set)  # warm-up at a tiny size
+        model.zero_grad(set_to_none=True)
+        before = rss_mb()
+        fwd_bwd(model, tokens, hook_set)
+        return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before}
+    fwd_bwd(model, tokens, None)
+    fwd_bwd(model, tokens, gim)  # warm-up both paths
+    times: dict[str, list[float]] = {"plain": [], "gim": []}
+    for _ in range(repeats):
+        for name, hook_set in (("plain", None), ("gim", gim)):
+            t0 = time.perf_counter()
+            fwd_bwd(model, tokens, hook_set)
+            times[name].append(time.perf_counter() - t0)
+    gim.verify()
     model.zero_grad(set_to_none=True)
-    before = rss_mb()
-    base_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    fwd_bwd(model, tokens, hook_set)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_mb": max(peak, base_peak) - before}))
+    return {"plain": statistics.median(times["plain"]), "gim": statistics.median(times["gim"]),
+            "saved_plain": saved_bytes(model, tokens, None), "saved_gim": saved_bytes(model, tokens, gim)}
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+def run_child(task: str, shape: str, mode: str, repeats: int) -> dict:
+    """Run :func:`child` in a fresh subprocess (so each measurement owns its memory)."""
+    out = subprocess.run([sys.executable, __file__, "--child", task, shape, mode, str(repeats)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", default="1x64,8x64,1x512,8x512")
-    parser.add_argument("--out", default=None, help="append the markdown table to this file")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--child", nargs=2, metavar=("SHAPE", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help="append the markdown table to this file")
+    parser.add_argument("--child", nargs=4, metavar=("TASK", "SHAPE", "MODE", "REPEATS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the peak-memory subprocesses
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the subprocesses
     if args.child:
-        child(*args.child)
+        task, shape, mode, repeats = args.child
+        print(json.dumps(child(task, shape, mode, int(repeats))))
         return
 
-    torch.manual_seed(0)
-    model = load_model()
-    gim = GIMHookSet()
     rows = []
     for shape in args.shapes.split(","):
         batch, seq = map(int, shape.split("x"))
-        tokens = torch.randint(100, model.cfg.d_vocab, (batch, seq))
-        fwd_bwd(model, tokens, None)
-        fwd_bwd(model, tokens, gim)  # warm-up both paths
-        times = {"plain": [], "gim": []}
-        for _ in range(args.repeats):
-            for mode, hs in (("plain", None), ("gim", gim)):
-                t0 = time.perf_counter()
-                fwd_bwd(model, tokens, hs)
-                times[mode].append(time.perf_counter() - t0)
-        gim.verify()
-        t_plain, t_gim = (statistics.median(times[m]) for m in ("plain", "gim"))
-        s_plain, s_gim = saved_bytes(model, tokens, None), saved_bytes(model, tokens, gim)
-        p_plain, p_gim = peak_child(batch, seq, "plain"), peak_child(batch, seq, "gim")
-        rows.append((batch, seq, t_plain, t_gim, s_plain / 2**20, s_gim / 2**20, p_plain, p_gim))
-        print(f"batch {batch} seq {seq}: time {t_plain:.3f}s -> {t_gim:.3f}s ({t_gim / t_plain:.3f}x), "
-              f"saved {s_plain / 2**20:.0f} -> {s_gim / 2**20:.0f} MiB ({s_gim / s_plain:.3f}x), "
-              f"peak {p_plain:.0f} -> {p_gim:.0f} MB ({p_gim / p_plain:.3f}x)", flush=True)
+        timing = run_child("time", shape, "both", args.repeats)
+        peak = {mode: run_child("peak", shape, mode, 1)["peak_mb"] for mode in ("plain", "gim")}
+        row = (batch, seq, timing["plain"], timing["gim"], timing["saved_plain"] / 2**20,
+               timing["saved_gim"] / 2**20, peak["plain"], peak["gim"])
+        rows.append(row)
+        _, _, tp, tg, sp, sg, pp, pg = row
+        print(f"batch {batch} seq {seq}: time {tp:.3f}s -> {tg:.3f}s ({tg / tp:.3f}x), saved {sp:.0f} -> {sg:.0f} MiB "
+              f"({sg / sp:.3f}x), peak {pp:.0f} -> {pg:.0f} MB ({pg / pp:.3f}x)", flush=True)
 
-    header = (f"SmolLM2-135M-Instruct, TransformerBridge fp32, {cpu_name()}, {torch.get_num_threads()} threads, "
+    threads = args.threads or torch.get_num_threads()
+    header = (f"SmolLM2-135M-Instruct, TransformerBridge fp32, {cpu_model()}, {threads} thread(s), "
               f"torch {torch.__version__}, median of {args.repeats}, {time.strftime('%Y-%m-%d')}\n\n"
               "| batch | seq | plain fwd+bwd (s) | GIM fwd+bwd (s) | time ratio | saved for backward plain → GIM (MiB) "
               "| saved ratio | peak RSS growth plain → GIM (MB) | peak ratio |\n"
