@@ -327,17 +327,21 @@ class GIMHookSet:
             calls.append(call)
 
             def correction() -> torch.Tensor:
-                grad_out = call.get("grad_out")
-                if grad_out is None or "scale" not in call:
-                    return torch.zeros((), device=x.device)
+                # Pop what the forward left here, so nothing outlives this backward step.
+                data = {key: call.pop(key, None) for key in ("x", "y", "scale", "grad_out")}
+                if any(value is None for value in data.values()):
+                    raise GIMRuleError(
+                        f"norm freeze at {site}: its forward values are gone or incomplete (missing "
+                        f"{[k for k, v in data.items() if v is None]}). GIM frees them after the first backward "
+                        "pass, so backward(retain_graph=True) twice is not supported: run the forward again.")
                 fired()
-                x_c = call["x"].float()
+                x_c = data["x"].float()
                 if norm.centered:
                     x_c = x_c - x_c.mean(-1, keepdim=True)
-                y = call["y"].float()
+                y = data["y"].float()
                 if norm.bias is not None:
                     y = y - norm.bias.detach().float()
-                return rules.frozen_norm_correction(x_c, y, call["scale"], grad_out)
+                return rules.frozen_norm_correction(x_c, y, data["scale"], data["grad_out"])
 
             return rules.AddToGrad.apply(x, correction)
 

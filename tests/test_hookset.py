@@ -745,3 +745,18 @@ def test_hooked_models_are_covered_where_available():
     if not HAS_HOOKED:
         pytest.skip("TL 4: HookedTransformer is not importable")
     assert type(cached_model("hooked", tm.HT_VARIANTS[0])).__name__ == "HookedTransformer"
+
+
+def test_bridge_norm_freeze_refuses_a_second_backward_over_the_same_graph():
+    """The Bridge norm correction frees its forward values after use (memory), so a second
+    backward with retain_graph=True must fail loudly rather than silently skip the freeze."""
+    model = cached_model("bridge", "llama")
+    tokens = torch.randint(4, tm.VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
+    gim = GIMHookSet.preset("freeze_norm")
+    with gim.attach(model):
+        loss = model(tokens)[0, -1, 5]
+        loss.backward(retain_graph=True)
+        gim.verify()
+        with pytest.raises(GIMRuleError, match="retain_graph"):
+            loss.backward()
+    model.zero_grad(set_to_none=True)
