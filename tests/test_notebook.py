@@ -52,6 +52,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     from nbclient import NotebookClient
 
     write_kernelspec(tmp_path / "jupyter")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # other tests (the CLI's) set Agg; the kernel must draw inline
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", ""))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=600, allow_errors=False,
