@@ -34,7 +34,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -46,6 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import cpu_model  # noqa: E402
 
 from gim_tl import data as gdata  # noqa: E402
 from gim_tl import evaluation as ev  # noqa: E402
@@ -338,16 +338,6 @@ def bar_figure(res: dict, title: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ---------------------------------------------------------------------------------------------
