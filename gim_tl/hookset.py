@@ -326,7 +326,7 @@ class GIMHookSet:
             call: dict = {"x": x.detach()}
             calls.append(call)
 
-            def correction() -> torch.Tensor:
+            def freeze(grad: torch.Tensor) -> torch.Tensor:
                 # Pop what the forward left here, so nothing outlives this backward step.
                 data = {key: call.pop(key, None) for key in ("x", "y", "scale", "grad_out")}
                 if any(value is None for value in data.values()):
@@ -335,15 +335,11 @@ class GIMHookSet:
                         f"{[k for k, v in data.items() if v is None]}). GIM frees them after the first backward "
                         "pass, so backward(retain_graph=True) twice is not supported: run the forward again.")
                 fired()
-                x_c = data["x"].float()
-                if norm.centered:
-                    x_c = x_c - x_c.mean(-1, keepdim=True)
-                y = data["y"].float()
-                if norm.bias is not None:
-                    y = y - norm.bias.detach().float()
-                return rules.frozen_norm_correction(x_c, y, data["scale"], data["grad_out"])
+                bias = None if norm.bias is None else norm.bias.detach()
+                return rules.frozen_norm_grad(grad, data["x"], data["y"], data["scale"], data["grad_out"],
+                                              centered=norm.centered, bias=bias)
 
-            return rules.AddToGrad.apply(x, correction)
+            return rules.MapGrad.apply(x, freeze)
 
         def at_scale(scale, hook):
             if calls:

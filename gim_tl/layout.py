@@ -26,7 +26,7 @@ class NormSite:
     ``strategy`` says how the statistic is frozen:
     * ``"detach"``: ``hook_scale`` is in the graph (HookedTransformer): detach it in forward.
     * ``"correct"``: the norm may run HF's own kernel, whose ``hook_scale`` is a side value
-      (TransformerBridge): add ``frozen_norm_correction`` to the gradient at ``hook_in``.
+      (TransformerBridge): fix the gradient at ``hook_in`` with ``rules.frozen_norm_grad``.
     """
 
     prefix: str

@@ -204,21 +204,34 @@ def freeze_scale(scale: Float[Tensor, "batch pos 1"]) -> Float[Tensor, "batch po
     return scale.detach()
 
 
-def frozen_norm_correction(
-    x_centered: Float[Tensor, "batch pos d"],
-    y_minus_bias: Float[Tensor, "batch pos d"],
+def frozen_norm_grad(
+    grad_in: Float[Tensor, "batch pos d"],
+    x: Float[Tensor, "batch pos d"],
+    y: Float[Tensor, "batch pos d"],
     scale: Float[Tensor, "batch pos 1"],
     grad_out: Float[Tensor, "batch pos d"],
+    *,
+    centered: bool,
+    bias: Float[Tensor, " d"] | None = None,
 ) -> Float[Tensor, "batch pos d"]:
-    """What to add to a norm's exact input gradient to get the frozen-statistic gradient.
+    """Turn a norm's exact input gradient into the frozen-statistic one (in ``grad_in``'s dtype).
 
     For ``y = w ⊙ (x − μ)/σ + b`` (RMSNorm: μ = 0, b = 0, σ = rms), the exact VJP minus the
-    frozen one is ``−(x − μ)·⟨g, y − b⟩ / (d σ²)``, so we add ``(x − μ)·⟨g, y − b⟩ / (d σ²)``.
-    It needs no weight, so it holds for ``w`` and Gemma's ``1 + w`` alike.
+    frozen one is ``−(x − μ)·c`` with ``c = ⟨g, y − b⟩ / (d σ²)``, so we add ``c·(x − μ)``: one
+    fused pass over ``[batch, pos, d]`` (two for centred norms). It needs no weight, so it holds
+    for ``w`` and Gemma's ``1 + w`` alike. ``x``, ``y``: the norm's input and output; ``g = grad_out``.
     """
-    d = x_centered.shape[-1]
-    inner = (grad_out.float() * y_minus_bias.float()).sum(-1, keepdim=True)
-    return x_centered.float() * inner / (d * scale.float().pow(2))
+    d = x.shape[-1]
+    g = grad_out.float()
+    inner = torch.linalg.vecdot(g, y.float())
+    if bias is not None:
+        inner = inner - g @ bias.float()
+    c = (inner / (d * scale.float().squeeze(-1).square())).unsqueeze(-1)
+    x = x.float()
+    out = torch.addcmul(grad_in.float(), x, c)
+    if centered:
+        out.sub_(x.mean(-1, keepdim=True) * c)
+    return out.to(grad_in.dtype)
 
 
 class CaptureGrad(torch.autograd.Function):
@@ -235,14 +248,14 @@ class CaptureGrad(torch.autograd.Function):
         return grad, None
 
 
-class AddToGrad(torch.autograd.Function):
-    """Identity forward; in backward, adds ``correction(grad)`` to the gradient."""
+class MapGrad(torch.autograd.Function):
+    """Identity forward; in backward, replaces the gradient ``g`` by ``fn(g)``."""
 
     @staticmethod
-    def forward(ctx, x, correction):
-        ctx.correction = correction
+    def forward(ctx, x, fn):
+        ctx.fn = fn
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad + ctx.correction().to(grad.dtype), None
+        return ctx.fn(grad), None
