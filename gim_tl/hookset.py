@@ -123,7 +123,7 @@ class GIMHookSet:
 
     def fwd_hooks(self, model) -> list[Hook]:
         """TL-native ``(hook_name, fn)`` forward hooks that install every enabled rule."""
-        layout = discover(model)
+        layout = discover(model, norms=self.config.freeze_norm)
         self._check_model(model, layout)
         self._expected = []
         self.reset_counts()
@@ -147,7 +147,7 @@ class GIMHookSet:
 
         Kept so the hook set drops into code that passes both lists to ``model.hooks``.
         """
-        discover(model)
+        discover(model, norms=self.config.freeze_norm)
         return []
 
     # ---- ways to attach ----------------------------------------------------------------
@@ -323,21 +323,20 @@ class GIMHookSet:
         def at_input(x, hook):
             if not x.requires_grad:
                 return None
-            call: dict = {"x": x.detach()}
+            call: dict = {"x": x.detach()}  # autograd keeps x for the norm's own backward anyway
             calls.append(call)
 
             def freeze(grad: torch.Tensor) -> torch.Tensor:
                 # Pop what the forward left here, so nothing outlives this backward step.
-                data = {key: call.pop(key, None) for key in ("x", "y", "scale", "grad_out")}
+                data = {key: call.pop(key, None) for key in ("x", "scale", "grad_out")}
                 if any(value is None for value in data.values()):
                     raise GIMRuleError(
                         f"norm freeze at {site}: its forward values are gone or incomplete (missing "
                         f"{[k for k, v in data.items() if v is None]}). GIM frees them after the first backward "
                         "pass, so backward(retain_graph=True) twice is not supported: run the forward again.")
                 fired()
-                bias = None if norm.bias is None else norm.bias.detach()
-                return rules.frozen_norm_grad(grad, data["x"], data["y"], data["scale"], data["grad_out"],
-                                              centered=norm.centered, bias=bias)
+                return rules.frozen_norm_grad(grad, data["x"], data["scale"], data["grad_out"],
+                                              norm.effective_weight(), centered=norm.centered)
 
             return rules.MapGrad.apply(x, freeze)
 
@@ -352,7 +351,6 @@ class GIMHookSet:
             call = calls.pop()
             if not y.requires_grad:
                 return None
-            call["y"] = y.detach()
             self._forward[("freeze_norm", site)] += 1
             return rules.CaptureGrad.apply(y, lambda g: call.__setitem__("grad_out", g))
 

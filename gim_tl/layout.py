@@ -6,6 +6,7 @@ models. Anything GIM cannot use raises :class:`GIMModelError` naming what is mis
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,13 +27,19 @@ class NormSite:
     ``strategy`` says how the statistic is frozen:
     * ``"detach"``: ``hook_scale`` is in the graph (HookedTransformer): detach it in forward.
     * ``"correct"``: the norm may run HF's own kernel, whose ``hook_scale`` is a side value
-      (TransformerBridge): fix the gradient at ``hook_in`` with ``rules.frozen_norm_grad``.
+      (TransformerBridge): fix the gradient at ``hook_in`` with ``rules.frozen_norm_grad``, which
+      needs ``centered`` and the effective weight ``weight + weight_offset`` (Gemma: ``1 + w``).
     """
 
     prefix: str
     strategy: Literal["detach", "correct"]
     centered: bool = False
-    bias: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    weight_offset: float = 0.0
+
+    def effective_weight(self) -> torch.Tensor | None:
+        """The per-feature factor the norm applies to ``(x − μ)/σ``, in fp32 (None: no weight)."""
+        return None if self.weight is None else self.weight.detach().float() + self.weight_offset
 
 
 @dataclass(frozen=True)
@@ -82,17 +89,63 @@ def _require(model, hook_points: dict, names: list[str], why: str) -> None:
         )
 
 
+#: The weight convention found for each HF norm module (it cannot change without a new module).
+_WEIGHT_OFFSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weight_offset(prefix: str, hf_norm: torch.nn.Module, centered: bool) -> float:
+    """How ``hf_norm`` applies its weight: ``y = (w + offset) ⊙ (x − μ)/σ + b``, offset 0 or 1.
+
+    Found once per module by running it on a probe, so the freeze does not rely on a flag: a norm
+    that fits neither convention (or has no visible weight but rescales anyway) is refused.
+    """
+    if hf_norm in _WEIGHT_OFFSETS:
+        return _WEIGHT_OFFSETS[hf_norm]
+    weight = getattr(hf_norm, "weight", None)
+    bias = getattr(hf_norm, "bias", None)
+    d = weight.shape[-1] if weight is not None else int(getattr(hf_norm, "normalized_shape", (0,))[-1])
+    eps = getattr(hf_norm, "variance_epsilon", None) or getattr(hf_norm, "eps", None) or 1e-5
+    ref = weight if weight is not None else next(hf_norm.parameters(), None)
+    device = ref.device if ref is not None else "cpu"
+    dtype = ref.dtype if ref is not None else torch.float32
+    probe = torch.randn(2, d, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    with torch.no_grad():
+        got = hf_norm(probe).float()
+        x = probe.float()
+        x = x - x.mean(-1, keepdim=True) if centered else x
+        normed = x / (x.pow(2).mean(-1, keepdim=True) + float(eps)).sqrt()
+        if bias is not None:
+            got = got - bias.float()
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        for offset in (0.0, 1.0) if weight is not None else (0.0,):
+            want = normed if weight is None else normed * (weight.float() + offset)
+            if torch.allclose(got, want, rtol=tol, atol=tol):
+                _WEIGHT_OFFSETS[hf_norm] = offset
+                return offset
+    raise GIMModelError(
+        f"{prefix}: the HF norm {type(hf_norm).__name__} computes neither w ⊙ (x − μ)/σ + b nor "
+        "(1 + w) ⊙ (x − μ)/σ + b, so GIM cannot freeze its statistic. Pass freeze_norm=False, or use a "
+        "HookedTransformer (TL 3.9) conversion of the model.")
+
+
 def _bridge_norm(model, hook_points: dict, prefix: str) -> NormSite:
     _require(model, hook_points, [f"{prefix}.hook_in", f"{prefix}.hook_out"], f"the norm freeze at {prefix}")
     module = model.get_submodule(prefix)
-    rms = bool(getattr(module, "uses_rms_norm", False))
-    original = getattr(module, "original_component", None)
-    bias = None if rms else getattr(original, "bias", None)
-    return NormSite(prefix, "correct", centered=not rms, bias=bias)
+    centered = not bool(getattr(module, "uses_rms_norm", False))
+    hf_norm = getattr(module, "original_component", None)
+    if hf_norm is None or isinstance(hf_norm, torch.nn.Identity):
+        raise GIMModelError(f"{prefix} has no HF norm module behind it; GIM cannot freeze its statistic. "
+                            "Pass freeze_norm=False.")
+    offset = _weight_offset(prefix, hf_norm, centered)
+    return NormSite(prefix, "correct", centered=centered, weight=getattr(hf_norm, "weight", None),
+                    weight_offset=offset)
 
 
-def discover(model) -> ModelLayout:
-    """Find every site GIM modifies, or raise :class:`GIMModelError` saying why it cannot."""
+def discover(model, *, norms: bool = True) -> ModelLayout:
+    """Find every site GIM modifies, or raise :class:`GIMModelError` saying why it cannot.
+
+    ``norms=False`` skips the norms (no norm freeze): their layout is then neither read nor checked.
+    """
     kind = model_kind(model)
     cfg = model.cfg
     n_layers = int(cfg.n_layers)
@@ -119,8 +172,8 @@ def discover(model) -> ModelLayout:
                 _require(model, hook_points, [f"{prefix}.mlp.hook_pre_linear"], f"the gated MLP of layer {layer}")
         layers.append(LayerSites(layer, gated))
 
-    norms = []
-    for name in [n for n in hook_points if n.endswith(".hook_scale")]:
+    sites = []
+    for name in [n for n in hook_points if n.endswith(".hook_scale")] if norms else []:
         prefix = name[: -len(".hook_scale")]
-        norms.append(NormSite(prefix, "detach") if kind == "hooked" else _bridge_norm(model, hook_points, prefix))
-    return ModelLayout(kind, tuple(layers), tuple(norms), hook_points)
+        sites.append(NormSite(prefix, "detach") if kind == "hooked" else _bridge_norm(model, hook_points, prefix))
+    return ModelLayout(kind, tuple(layers), tuple(sites), hook_points)

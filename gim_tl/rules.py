@@ -207,31 +207,29 @@ def freeze_scale(scale: Float[Tensor, "batch pos 1"]) -> Float[Tensor, "batch po
 def frozen_norm_grad(
     grad_in: Float[Tensor, "batch pos d"],
     x: Float[Tensor, "batch pos d"],
-    y: Float[Tensor, "batch pos d"],
     scale: Float[Tensor, "batch pos 1"],
     grad_out: Float[Tensor, "batch pos d"],
+    weight: Float[Tensor, " d"] | None,
     *,
     centered: bool,
-    bias: Float[Tensor, " d"] | None = None,
 ) -> Float[Tensor, "batch pos d"]:
     """Turn a norm's exact input gradient into the frozen-statistic one (in ``grad_in``'s dtype).
 
-    For ``y = w ⊙ (x − μ)/σ + b`` (RMSNorm: μ = 0, b = 0, σ = rms), the exact VJP minus the
-    frozen one is ``−(x − μ)·c`` with ``c = ⟨g, y − b⟩ / (d σ²)``, so we add ``c·(x − μ)``: one
-    fused pass over ``[batch, pos, d]`` (two for centred norms). It needs no weight, so it holds
-    for ``w`` and Gemma's ``1 + w`` alike. ``x``, ``y``: the norm's input and output; ``g = grad_out``.
+    For ``y = w ⊙ (x − μ)/σ + b`` (RMSNorm: μ = 0, b = 0, σ = rms), the exact VJP minus the frozen
+    one is ``−c·(x − μ)`` with ``c = ⟨g ⊙ w, x − μ⟩ / (d σ³)``, so we add ``c·(x − μ)``: one fused
+    pass over ``[batch, pos, d]`` besides ``g ⊙ w`` (one more for centred norms). ``x``: the norm's
+    input; ``scale``: σ; ``g = grad_out``: the gradient at its output; ``weight``: the effective
+    ``w`` (Gemma's ``1 + w``; None for none). The output ``y`` is not needed, so nothing beyond
+    what autograd keeps anyway is held for it.
     """
     d = x.shape[-1]
-    g = grad_out.float()
-    inner = torch.linalg.vecdot(g, y.float())
-    if bias is not None:
-        inner = inner - g @ bias.float()
-    c = (inner / (d * scale.float().squeeze(-1).square())).unsqueeze(-1)
     x = x.float()
-    out = torch.addcmul(grad_in.float(), x, c)
     if centered:
-        out.sub_(x.mean(-1, keepdim=True) * c)
-    return out.to(grad_in.dtype)
+        x = x - x.mean(-1, keepdim=True)
+    g = grad_out.float()
+    gw = g if weight is None else g * weight
+    c = (torch.linalg.vecdot(gw, x) / (d * scale.float().squeeze(-1).pow(3))).unsqueeze(-1)
+    return torch.addcmul(grad_in.float(), x, c).to(grad_in.dtype)
 
 
 class CaptureGrad(torch.autograd.Function):

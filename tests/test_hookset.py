@@ -626,6 +626,26 @@ def test_bridge_in_training_mode_is_rejected():
         GIMHookSet().fwd_hooks(model)
 
 
+def test_bridge_norm_with_an_unknown_weight_convention_is_refused():
+    """A norm that rescales by neither ``w`` nor ``1 + w`` cannot be frozen: refused, naming the norm."""
+    model = fresh_model("bridge", "llama")
+    hf_norm = model.blocks[0].ln1.original_component
+    plain_forward = type(hf_norm).forward
+    hf_norm.forward = lambda x: 2 * plain_forward(hf_norm, x)
+    with pytest.raises(GIMModelError, match=r"blocks\.0\.ln1: the HF norm .* freeze_norm=False"):
+        GIMHookSet().fwd_hooks(model)
+    GIMHookSet(freeze_norm=False).fwd_hooks(model)  # the way out the message names
+
+
+@pytest.mark.parametrize("family", ["gemma2", "llama"])
+def test_bridge_norm_weight_convention_is_found_by_probe(family):
+    """Gemma's RMSNorm scales by ``1 + w``, Llama's by ``w``: the probe tells them apart."""
+    from gim_tl.layout import discover
+
+    offsets = {n.weight_offset for n in discover(cached_model("bridge", family)).norms}
+    assert offsets == ({1.0} if family == "gemma2" else {0.0})
+
+
 @pytest.mark.parametrize("model_id", [MODELS[0], MODELS[len(tm.BRIDGE_FAMILIES)]])
 def test_softmax_in_user_metric_is_untouched(model_id):
     """GIM changes attention softmaxes only: a metric's own (log-)softmax keeps its exact gradient."""

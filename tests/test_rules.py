@@ -225,8 +225,8 @@ def test_frozen_norm_grad_turns_exact_into_frozen_gradient(kind, dtype):
         y, sigma = hand_norm(xi, weight, bias, centered=kind["centered"], gemma=kind["gemma"], freeze=freeze)
         y.backward(g)
         grads[freeze] = xi.grad
-    got = rules.frozen_norm_grad(grads[False].to(dtype), x, y.detach(), sigma.detach(), g,
-                                 centered=kind["centered"], bias=bias)
+    effective = 1 + weight if kind["gemma"] else weight
+    got = rules.frozen_norm_grad(grads[False].to(dtype), x, sigma.detach(), g, effective, centered=kind["centered"])
     assert got.dtype == dtype
     scale = grads[True].abs().max().item()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
