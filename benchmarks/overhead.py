@@ -1,17 +1,28 @@
 """Cost of GIM: forward+backward with the full GIM hook set over plain forward+backward.
 
 Measured side by side in one run on SmolLM2-135M-Instruct (TransformerBridge, fp32), at
-seq 64 and 512, batch 1 and 8. For each shape it reports:
+seq 64 and 512, batch 1 and 8, for two backward passes:
 
-* time: median wall time of forward+backward, plain and GIM runs interleaved (GIM includes
-  attaching its hooks, ~7 ms, on every call);
+* ``params``: ``loss.backward()`` into every parameter's ``.grad`` (the usual training-style call);
+* ``inputs``: ``torch.autograd.grad`` into the input embeddings only, with frozen weights (what
+  gim_tl's attributions, AtP and EAP run: no weight gradients, so the relative cost of GIM is larger).
+
+For each shape it reports:
+
+* time: plain and GIM runs interleaved (at least ``--repeats`` pairs, and 20 s per mode) on two
+  copies of the model (GIM's hooks attached once to its copy with ``add_to``, as in a loop over
+  batches); the ratio is the median of the per-pair ratios. Attaching the hooks
+  (``with gim.attach(model)``) is timed on its own;
 * saved: bytes autograd keeps for backward (distinct storages seen by ``saved_tensors_hooks``),
   the memory that grows with batch × heads × seq² — the exact "no extra [b,h,q,k] per layer" check;
 * peak: peak RSS of a fresh process running one forward+backward, minus its RSS before it
   (each mode in its own subprocess, since ru_maxrss never goes down).
 
-Every measurement runs in a subprocess of its own, so at most one model and one batch are in
-memory (batch 8 × seq 512 needs about 15 GB of the machine's 24).
+Every measurement runs in a subprocess of its own, so at most one batch is in memory (batch 8 ×
+seq 512 needs about 15 GB of the machine's 24). Peak-RSS processes run with
+``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks go back to the OS and RSS tracks live memory; timing
+processes keep glibc's default allocator (the threshold makes every large allocation fault in fresh
+pages and slowed plain forward+backward by about 35%, which is not how anyone runs a model).
 
 Usage: ``python benchmarks/overhead.py [--repeats 5] [--shapes 1x64,8x64,1x512,8x512] [--threads N] [--out FILE]``.
 """
@@ -19,6 +30,7 @@ Usage: ``python benchmarks/overhead.py [--repeats 5] [--shapes 1x64,8x64,1x512,8
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -36,17 +48,31 @@ from gim_tl import GIMHookSet  # noqa: E402
 from gim_tl.models import load_model  # noqa: E402
 
 
-def fwd_bwd(model, tokens, hook_set: GIMHookSet | None) -> None:
-    """One forward+backward of the summed last-position logits, with or without GIM."""
+def forward_loss(model, tokens, grad_to: str):
+    """The summed last-position logits, and the embedding leaf to differentiate for ``inputs``."""
+    if grad_to == "params":
+        return model(tokens)[:, -1].sum(), None
+    leaf = {}
+
+    def make_leaf(x, hook):
+        leaf["embed"] = x.detach().requires_grad_(True)
+        return leaf["embed"]
+
+    with model.hooks(fwd_hooks=[("hook_embed", make_leaf)]):
+        return model(tokens)[:, -1].sum(), leaf["embed"]
+
+
+def fwd_bwd(model, tokens, grad_to: str) -> None:
+    """One forward+backward: into every parameter's ``.grad``, or into the input embeddings only."""
     model.zero_grad(set_to_none=True)
-    if hook_set is None:
-        model(tokens)[:, -1].sum().backward()
+    loss, leaf = forward_loss(model, tokens, grad_to)
+    if leaf is None:
+        loss.backward()
     else:
-        with hook_set.attach(model):
-            model(tokens)[:, -1].sum().backward()
+        torch.autograd.grad(loss, leaf)
 
 
-def saved_bytes(model, tokens, hook_set: GIMHookSet | None) -> int:
+def saved_bytes(model, tokens, grad_to: str) -> int:
     """Bytes of the distinct non-parameter storages autograd saves for backward during one forward."""
     storages: dict[int, int] = {}
 
@@ -56,11 +82,7 @@ def saved_bytes(model, tokens, hook_set: GIMHookSet | None) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if hook_set is None:
-            loss = model(tokens)[:, -1].sum()
-        else:
-            with hook_set.attach(model):
-                loss = model(tokens)[:, -1].sum()
+        loss, _ = forward_loss(model, tokens, grad_to)
     del loss
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(n for ptr, n in storages.items() if ptr not in params)
@@ -74,40 +96,68 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def child(task: str, shape: str, mode: str, repeats: int) -> dict:
-    """``time``: interleaved plain/GIM timings and saved bytes; ``peak``: one pass's peak RSS growth."""
+#: Small shapes repeat pairs until each mode has run this long (the big ones stop at ``--repeats``).
+MIN_SECONDS = 20.0
+
+
+def load(grad_to: str, gim: GIMHookSet | None):
+    """A fresh SmolLM2 bridge; frozen weights for ``inputs``; GIM's hooks attached for good if given."""
+    model = load_model()
+    if grad_to == "inputs":
+        model.requires_grad_(False)
+    if gim is not None:
+        gim.add_to(model)
+    return model
+
+
+def child(task: str, shape: str, grad_to: str, mode: str, repeats: int) -> dict:
+    """``time``: interleaved plain/GIM timings, attach time, saved bytes; ``peak``: one pass's peak RSS growth."""
     batch, seq = map(int, shape.split("x"))
     torch.manual_seed(0)
-    model = load_model()
-    tokens = torch.randint(100, model.cfg.d_vocab, (batch, seq))
-    gim = GIMHookSet()
+    tokens = torch.randint(100, 49152, (batch, seq))
     if task == "peak":
-        hook_set = gim if mode == "gim" else None
-        fwd_bwd(model, tokens[:, :8], hook_set)  # warm-up at a tiny size
-        model.zero_grad(set_to_none=True)
+        model = load(grad_to, GIMHookSet() if mode == "gim" else None)
+        fwd_bwd(model, tokens[:, :8], grad_to)  # warm-up at a tiny size
         before = rss_mb()
-        fwd_bwd(model, tokens, hook_set)
+        fwd_bwd(model, tokens, grad_to)
         return {"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before}
-    fwd_bwd(model, tokens, None)
-    fwd_bwd(model, tokens, gim)  # warm-up both paths
+
+    gim = GIMHookSet()
+    models = {"plain": load(grad_to, None), "gim": load(grad_to, gim)}
+    for model in models.values():  # warm-up both paths
+        fwd_bwd(model, tokens, grad_to)
     times: dict[str, list[float]] = {"plain": [], "gim": []}
-    for _ in range(repeats):
-        for name, hook_set in (("plain", None), ("gim", gim)):
+    while len(times["plain"]) < repeats or sum(times["plain"]) < MIN_SECONDS:
+        for name, model in models.items():
+            gc.collect()
             t0 = time.perf_counter()
-            fwd_bwd(model, tokens, hook_set)
+            fwd_bwd(model, tokens, grad_to)
             times[name].append(time.perf_counter() - t0)
     gim.verify()
-    model.zero_grad(set_to_none=True)
-    return {"plain": statistics.median(times["plain"]), "gim": statistics.median(times["gim"]),
-            "saved_plain": saved_bytes(model, tokens, None), "saved_gim": saved_bytes(model, tokens, gim)}
+    attach = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        with GIMHookSet().attach(models["plain"]):
+            pass
+        attach.append(time.perf_counter() - t0)
+    ratios = [g / p for g, p in zip(times["gim"], times["plain"], strict=True)]
+    for model in models.values():
+        model.zero_grad(set_to_none=True)
+    return {"pairs": len(ratios), "plain": statistics.median(times["plain"]), "gim": statistics.median(times["gim"]),
+            "ratio": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "attach": statistics.median(attach),
+            "saved_plain": saved_bytes(models["plain"], tokens, grad_to),
+            "saved_gim": saved_bytes(models["gim"], tokens, grad_to)}
 
 
-def run_child(task: str, shape: str, mode: str, repeats: int) -> dict:
+def run_child(task: str, shape: str, grad_to: str, mode: str, repeats: int) -> dict:
     """Run :func:`child` in a fresh subprocess (so each measurement owns its memory)."""
-    # Large blocks straight from mmap, so a free returns to the OS and RSS tracks live memory
-    # (with glibc's default thresholds, the same run's peak RSS varied by ±400 MB).
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, __file__, "--child", task, shape, mode, str(repeats)],
+    env = dict(os.environ)
+    if task == "peak":
+        # Large blocks straight from mmap, so a free returns to the OS and RSS tracks live memory
+        # (with glibc's default thresholds, the same run's peak RSS varied by ±400 MB).
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    out = subprocess.run([sys.executable, __file__, "--child", task, shape, grad_to, mode, str(repeats)],
                          capture_output=True, text=True, check=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -116,39 +166,47 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", default="1x64,8x64,1x512,8x512")
+    parser.add_argument("--grad-to", default="params,inputs", help="backward passes to time: params, inputs")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=None, help="append the markdown table to this file")
-    parser.add_argument("--child", nargs=4, metavar=("TASK", "SHAPE", "MODE", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=5, metavar=("TASK", "SHAPE", "GRAD_TO", "MODE", "REPEATS"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the subprocesses
     if args.child:
-        task, shape, mode, repeats = args.child
-        print(json.dumps(child(task, shape, mode, int(repeats))))
+        task, shape, grad_to, mode, repeats = args.child
+        print(json.dumps(child(task, shape, grad_to, mode, int(repeats))))
         return
 
     rows = []
     for shape in args.shapes.split(","):
-        batch, seq = map(int, shape.split("x"))
-        timing = run_child("time", shape, "both", args.repeats)
-        peak = {mode: run_child("peak", shape, mode, 1)["peak_mb"] for mode in ("plain", "gim")}
-        row = (batch, seq, timing["plain"], timing["gim"], timing["saved_plain"] / 2**20,
-               timing["saved_gim"] / 2**20, peak["plain"], peak["gim"])
-        rows.append(row)
-        _, _, tp, tg, sp, sg, pp, pg = row
-        print(f"batch {batch} seq {seq}: time {tp:.3f}s -> {tg:.3f}s ({tg / tp:.3f}x), saved {sp:.0f} -> {sg:.0f} MiB "
-              f"({sg / sp:.3f}x), peak {pp:.0f} -> {pg:.0f} MB ({pg / pp:.3f}x)", flush=True)
+        for grad_to in args.grad_to.split(","):
+            t = run_child("time", shape, grad_to, "both", args.repeats)
+            peak = {mode: run_child("peak", shape, grad_to, mode, 1)["peak_mb"] for mode in ("plain", "gim")}
+            row = dict(shape=shape, grad_to=grad_to, **t, peak_plain=peak["plain"], peak_gim=peak["gim"])
+            rows.append(row)
+            print(f"{shape} {grad_to}: time {t['plain']:.3f}s -> {t['gim']:.3f}s (pair ratio {t['ratio']:.3f}x, "
+                  f"range {t['ratio_min']:.3f}-{t['ratio_max']:.3f}), attach {1e3 * t['attach']:.1f} ms, "
+                  f"saved {t['saved_plain'] / 2**20:.0f} -> {t['saved_gim'] / 2**20:.0f} MiB, "
+                  f"peak {peak['plain']:.0f} -> {peak['gim']:.0f} MB", flush=True)
 
     threads = args.threads or torch.get_num_threads()
     header = (f"SmolLM2-135M-Instruct, TransformerBridge fp32, {cpu_model()}, {threads} thread(s), "
-              f"torch {torch.__version__}, median of {args.repeats}, {time.strftime('%Y-%m-%d')}\n\n"
-              "| batch | seq | plain fwd+bwd (s) | GIM fwd+bwd (s) | time ratio | saved for backward plain → GIM (MiB) "
-              "| saved ratio | peak RSS growth plain → GIM (MB) | peak ratio |\n"
-              "|---|---|---|---|---|---|---|---|---|\n")
+              f"torch {torch.__version__}, ≥ {args.repeats} interleaved pairs (≥ {MIN_SECONDS:.0f} s per mode), "
+              f"{time.strftime('%Y-%m-%d')}\n\n"
+              "| batch × seq | backward into | pairs | plain fwd+bwd (s) | GIM fwd+bwd (s) | time ratio (range) "
+              "| attach (ms) | saved for backward plain → GIM (MiB) | saved ratio "
+              "| peak RSS growth plain → GIM (MB) | peak ratio |\n"
+              "|---|---|---|---|---|---|---|---|---|---|---|\n")
     table = header + "".join(
-        f"| {b} | {s} | {tp:.3f} | {tg:.3f} | **{tg / tp:.3f}×** | {sp:.0f} → {sg:.0f} | **{sg / sp:.3f}×** "
-        f"| {pp:.0f} → {pg:.0f} | **{pg / pp:.3f}×** |\n" for b, s, tp, tg, sp, sg, pp, pg in rows)
+        f"| {r['shape'].replace('x', ' × ')} | {r['grad_to']} | {r['pairs']} | {r['plain']:.3f} | {r['gim']:.3f} "
+        f"| **{r['ratio']:.3f}×** ({r['ratio_min']:.3f}–{r['ratio_max']:.3f}) | {1e3 * r['attach']:.1f} "
+        f"| {r['saved_plain'] / 2**20:.0f} → {r['saved_gim'] / 2**20:.0f} "
+        f"| **{r['saved_gim'] / r['saved_plain']:.3f}×** "
+        f"| {r['peak_plain']:.0f} → {r['peak_gim']:.0f} | **{r['peak_gim'] / r['peak_plain']:.3f}×** |\n"
+        for r in rows)
     print("\n" + table)
     if args.out:
         with open(args.out, "a") as f:
