@@ -313,7 +313,8 @@ class GIMHookSet:
                 return rules.freeze_scale(scale)
 
             def count_backward(normalized, hook):  # the frozen norm's backward runs through here
-                return rules.CaptureGrad.apply(normalized, lambda g: fired()) if normalized.requires_grad else None
+                if normalized.requires_grad:
+                    rules.capture_grad(normalized, lambda g: fired())
 
             return [(f"{site}.hook_scale", detach_scale), (f"{site}.hook_normalized", count_backward)]
 
@@ -338,7 +339,7 @@ class GIMHookSet:
                 return rules.frozen_norm_grad(grad, data["x"], data["scale"], data["grad_out"],
                                               norm.effective_weight(), centered=norm.centered)
 
-            return rules.MapGrad.apply(x, freeze)
+            return rules.map_grad(x, freeze)
 
         def at_scale(scale, hook):
             if calls:
@@ -352,7 +353,8 @@ class GIMHookSet:
             if not y.requires_grad:
                 return None
             self._forward[("freeze_norm", site)] += 1
-            return rules.CaptureGrad.apply(y, lambda g: call.__setitem__("grad_out", g))
+            rules.capture_grad(y, lambda g: call.__setitem__("grad_out", g))
+            return None
 
         return [(f"{site}.hook_in", at_input), (f"{site}.hook_scale", at_scale), (f"{site}.hook_out", at_output)]
 

@@ -171,27 +171,37 @@ def apply_tsg(
 # --------------------------------------------------------------------------------------
 
 
-class GradScale(torch.autograd.Function):
-    """Identity in forward; multiplies the gradient by ``factor`` in backward."""
+def map_grad(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+    """A view of ``x`` (same values) whose backward gradient ``g`` is replaced by ``fn(g)``.
 
-    @staticmethod
-    def forward(ctx, x, factor, on_backward):
-        ctx.factor = factor
-        ctx.on_backward = on_backward
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if ctx.on_backward is not None:
-            ctx.on_backward()
-        return grad * ctx.factor, None, None
+    A tensor hook on a fresh view rather than an autograd Function: the same effect on this branch
+    only, at about half the per-call cost (a 30-layer model has ~200 such sites per pass).
+    """
+    view = x.view_as(x)
+    view.register_hook(fn)
+    return view
 
 
 def scale_grad(
     x: Tensor, factor: float, on_backward: Callable[[], None] | None = None
 ) -> Tensor:
     """``x`` unchanged, with its backward gradient multiplied by ``factor`` (q, k: ¼; v, gate, up: ½)."""
-    return GradScale.apply(x, float(factor), on_backward)
+
+    def scale(grad: Tensor) -> Tensor:
+        if on_backward is not None:
+            on_backward()
+        return grad * factor
+
+    return map_grad(x, scale)
+
+
+def capture_grad(y: Tensor, store: Callable[[Tensor], None]) -> None:
+    """Hand ``y``'s total backward gradient to ``store`` (read-only: the gradient flows on unchanged)."""
+
+    def read(grad: Tensor) -> None:
+        store(grad)
+
+    y.register_hook(read)
 
 
 # --------------------------------------------------------------------------------------
@@ -230,30 +240,3 @@ def frozen_norm_grad(
     gw = g if weight is None else g * weight
     c = (torch.linalg.vecdot(gw, x) / (d * scale.float().squeeze(-1).pow(3))).unsqueeze(-1)
     return torch.addcmul(grad_in.float(), x, c).to(grad_in.dtype)
-
-
-class CaptureGrad(torch.autograd.Function):
-    """Identity forward; in backward, hands the gradient to ``store`` and passes it on unchanged."""
-
-    @staticmethod
-    def forward(ctx, y, store):
-        ctx.store = store
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.store(grad)
-        return grad, None
-
-
-class MapGrad(torch.autograd.Function):
-    """Identity forward; in backward, replaces the gradient ``g`` by ``fn(g)``."""
-
-    @staticmethod
-    def forward(ctx, x, fn):
-        ctx.fn = fn
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return ctx.fn(grad), None

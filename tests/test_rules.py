@@ -234,12 +234,18 @@ def test_frozen_norm_grad_turns_exact_into_frozen_gradient(kind, dtype):
     assert (grads[True] - grads[False]).abs().max() > 1e-2 * scale, "freeze must matter in this example"
 
 
-def test_map_grad_and_capture_grad():
+def test_map_grad_touches_only_its_branch_and_capture_grad_reads_the_total():
     x = torch.randn(4, requires_grad=True)
     seen = []
     extra = torch.randn(4)
-    y = rules.CaptureGrad.apply(rules.MapGrad.apply(x, lambda g: 2 * g + extra), seen.append)
-    assert torch.equal(y, x)
-    g = torch.randn(4)
-    y.backward(g)
-    assert torch.equal(seen[0], g) and torch.equal(x.grad, 2 * g + extra)
+    mapped = rules.map_grad(x, lambda g: 2 * g + extra)
+    assert torch.equal(mapped, x)
+    h = 3 * mapped
+    rules.capture_grad(h, seen.append)
+    g1, g2, g3 = torch.randn(4), torch.randn(4), torch.randn(4)
+    (h * g1 + h * g3).sum().backward(retain_graph=True)
+    assert torch.equal(seen[0], g1 + g3)  # the total over both uses, before anything upstream
+    torch.testing.assert_close(x.grad, 2 * 3 * (g1 + g3) + extra)
+    x.grad = None
+    (h * g1 + x * g2).sum().backward()  # x's own branch is not mapped
+    torch.testing.assert_close(x.grad, 2 * 3 * g1 + extra + g2)
