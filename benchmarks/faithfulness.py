@@ -6,14 +6,14 @@ log-probability, logit difference), against a random ranking, with paired sign t
 plain gradient × input; then the attention self-repair analysis (``gim_tl.self_repair``).
 Writes ``benchmarks/results_faithfulness.md`` and PNGs under ``benchmarks/figures/``.
 
-    python benchmarks/faithfulness.py            # full run: about 1 h on 2 shared CPU cores
+    python benchmarks/faithfulness.py            # full run: ~25 min on 2 quiet CPU cores
     python benchmarks/faithfulness.py --quick    # smoke run, 3 examples per data set
 
-Default sizes (all flags): 20 examples per short data set with IG at 50 steps (the all-positions IG
-variant on factual recall only); 8 per chat data set with IG at 16 steps, first position kept (50 steps
-× 134-token prompts would cost more than the rest of the run on CPU); the paper's full-prompt scope on
-3 sentiment examples with GxI, LN-freeze GxI, GIM and IG; 2 random permutations (1 in the full scope);
-self-repair on 3 short / 1 chat example per data set.
+Default sizes (all flags): 32 examples per short data set with IG at 50 steps (both IG variants);
+16 per chat data set with IG at 16 steps, first position kept (50 steps × 134-token prompts would cost
+more than the rest of the run on CPU); the paper's full-prompt scope on 5 sentiment examples with GxI,
+LN-freeze GxI, GIM and IG; 3 random permutations (1 in the full scope); self-repair on 4 short / 2 chat
+examples per data set.
 
 Data sets:
 * ``sentiment`` / ``fact_check``: 2-shot chat prompts, target "Yes" (true positives) with contrast
@@ -349,21 +349,21 @@ def bar_figure(res: dict, title: str, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 3 examples per data set, IG 8 steps")
-    ap.add_argument("--n-short", type=int, default=20, help="examples per short data set (factual, IOI)")
-    ap.add_argument("--n-chat", type=int, default=8, help="examples per chat data set (text scope)")
-    ap.add_argument("--n-chat-full", type=int, default=3, help="chat examples also scored in the full scope")
+    ap.add_argument("--n-short", type=int, default=32, help="examples per short data set (factual, IOI)")
+    ap.add_argument("--n-chat", type=int, default=16, help="examples per chat data set (text scope)")
+    ap.add_argument("--n-chat-full", type=int, default=5, help="chat examples also scored in the full scope")
     ap.add_argument("--ig-steps", type=int, default=50)
     ap.add_argument("--ig-steps-chat", type=int, default=16, help="IG steps on the long chat prompts")
-    ap.add_argument("--ig-all-datasets", default="factual_recall",
+    ap.add_argument("--ig-all-datasets", default="factual_recall,ioi",
                     help="data sets that also get the all-positions IG variant")
     ap.add_argument("--full-methods", default="plain,freeze_norm,gim,ig",
                     help="methods scored in the chat 'full' scope (plus random)")
     ap.add_argument("--full-datasets", default="sentiment",
                     help="chat data sets also scored in the 'full' scope (fact_check: the model says No to all)")
-    ap.add_argument("--random-perms", type=int, default=2)
+    ap.add_argument("--random-perms", type=int, default=3)
     ap.add_argument("--random-perms-full", type=int, default=1, help="random permutations in the chat 'full' scope")
-    ap.add_argument("--self-repair-examples", type=int, default=3, help="examples per short data set")
-    ap.add_argument("--self-repair-examples-chat", type=int, default=1, help="examples per chat data set")
+    ap.add_argument("--self-repair-examples", type=int, default=4, help="examples per short data set")
+    ap.add_argument("--self-repair-examples-chat", type=int, default=2, help="examples per chat data set")
     ap.add_argument("--datasets", default="factual_recall,ioi,sentiment,fact_check")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")

@@ -1,9 +1,10 @@
 """``GIMHookSet``: TransformerLens forward hooks that make every gradient a GIM gradient.
 
-Every rule is installed by a *forward* hook that wraps the hooked activation in an autograd
-Function from :mod:`gim_tl.rules`: the values are unchanged (the forward pass is bit-identical),
-only the backward differs. So any gradient read afterwards — ``.backward()``, your own backward
-hooks, ``run_with_cache(incl_bwd=True)``, attribution patching, EAP — is the GIM gradient.
+Every rule is installed by a *forward* hook that places a backward modification on the hooked
+activation (a view with a gradient hook, or TSG's autograd Function, from :mod:`gim_tl.rules`): the
+values are unchanged (the forward pass is bit-identical), only the backward differs. So any
+gradient read afterwards — ``.backward()``, your own backward hooks, ``run_with_cache(incl_bwd=True)``,
+attribution patching, EAP — is the GIM gradient.
 
 What a backward hook (or the ``*_grad`` entries of ``run_with_cache(incl_bwd=True)``) sees at a
 modified point:
@@ -143,7 +144,7 @@ class GIMHookSet:
         return hooks
 
     def bwd_hooks(self, model) -> list[Hook]:
-        """Always ``[]``: every rule is an autograd Function placed by a forward hook.
+        """Always ``[]``: every rule is placed in the autograd graph by a forward hook.
 
         Kept so the hook set drops into code that passes both lists to ``model.hooks``.
         """

@@ -1,4 +1,4 @@
-"""The GIM backward rules as small pure functions and autograd Functions.
+"""The GIM backward rules as small pure functions, gradient hooks and one autograd Function.
 
 Each rule is a few lines that can be checked against ``shared/docs/gim_spec.md`` §2:
 
@@ -6,8 +6,8 @@ Each rule is a few lines that can be checked against ``shared/docs/gim_spec.md``
 * Norm freeze (§2.2): the normalisation statistic (rms or σ) is a constant in backward.
 * Gradient normalization (§2.3): identity forward, a constant factor on the backward gradient.
 
-The autograd Functions never change forward values: each returns a view of its input, so a
-model's forward pass is bit-identical with and without them. All GIM math runs in fp32.
+None of them changes a forward value: each returns a view of its input (or nothing), so a model's
+forward pass is bit-identical with and without them. All GIM math runs in fp32.
 """
 
 from __future__ import annotations
