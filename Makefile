@@ -31,10 +31,10 @@ lint: .venv/.done
 	.venv/bin/ruff check gim_tl tests benchmarks
 
 test-tl4: .venv/.done
-	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -rs
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 .venv/bin/python -m pytest -q -rs --durations=10
 
 test-tl39: .venv39/.done
-	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 .venv39/bin/python -m pytest -q -rs --ignore=tests/test_notebook.py
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 .venv39/bin/python -m pytest -q -rs --durations=10 --ignore=tests/test_notebook.py
 
 test: lint test-tl4 test-tl39
 
