@@ -93,7 +93,7 @@ def _require(model, hook_points: dict, names: list[str], why: str) -> None:
 _WEIGHT_OFFSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _weight_offset(prefix: str, hf_norm: torch.nn.Module, centered: bool) -> float:
+def _weight_offset(prefix: str, hf_norm: torch.nn.Module, centered: bool, d_model: int) -> float:
     """How ``hf_norm`` applies its weight: ``y = (w + offset) ⊙ (x − μ)/σ + b``, offset 0 or 1.
 
     Found once per module by running it on a probe, so the freeze does not rely on a flag: a norm
@@ -103,12 +103,11 @@ def _weight_offset(prefix: str, hf_norm: torch.nn.Module, centered: bool) -> flo
         return _WEIGHT_OFFSETS[hf_norm]
     weight = getattr(hf_norm, "weight", None)
     bias = getattr(hf_norm, "bias", None)
-    d = weight.shape[-1] if weight is not None else int(getattr(hf_norm, "normalized_shape", (0,))[-1])
     eps = getattr(hf_norm, "variance_epsilon", None) or getattr(hf_norm, "eps", None) or 1e-5
     ref = weight if weight is not None else next(hf_norm.parameters(), None)
     device = ref.device if ref is not None else "cpu"
     dtype = ref.dtype if ref is not None else torch.float32
-    probe = torch.randn(2, d, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    probe = torch.randn(2, d_model, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     with torch.no_grad():
         got = hf_norm(probe).float()
         x = probe.float()
@@ -136,7 +135,7 @@ def _bridge_norm(model, hook_points: dict, prefix: str) -> NormSite:
     if hf_norm is None or isinstance(hf_norm, torch.nn.Identity):
         raise GIMModelError(f"{prefix} has no HF norm module behind it; GIM cannot freeze its statistic. "
                             "Pass freeze_norm=False.")
-    offset = _weight_offset(prefix, hf_norm, centered)
+    offset = _weight_offset(prefix, hf_norm, centered, int(model.cfg.d_model))
     return NormSite(prefix, "correct", centered=centered, weight=getattr(hf_norm, "weight", None),
                     weight_offset=offset)
 
@@ -173,7 +172,7 @@ def discover(model, *, norms: bool = True) -> ModelLayout:
         layers.append(LayerSites(layer, gated))
 
     sites = []
-    for name in [n for n in hook_points if n.endswith(".hook_scale")] if norms else []:
-        prefix = name[: -len(".hook_scale")]
-        sites.append(NormSite(prefix, "detach") if kind == "hooked" else _bridge_norm(model, hook_points, prefix))
+    if norms:
+        for prefix in [n[: -len(".hook_scale")] for n in hook_points if n.endswith(".hook_scale")]:
+            sites.append(NormSite(prefix, "detach") if kind == "hooked" else _bridge_norm(model, hook_points, prefix))
     return ModelLayout(kind, tuple(layers), tuple(sites), hook_points)
