@@ -49,6 +49,25 @@ class GIMConfig:
         """True when no rule is on: the hook set then leaves autograd untouched."""
         return not (self.tsg or self.freeze_norm or self.grad_norm)
 
+    @property
+    def qk_on_scores(self) -> bool:
+        """True when q's and k's factor is applied once, to the score gradient (they are equal).
+
+        The scores are ``q·kᵀ`` (after rotary) times a constant, then soft-capped and masked: all
+        linear in backward, so scaling their gradient by ``s`` scales what reaches q and k by exactly
+        ``s``. A gradient read at ``hook_q``/``hook_k`` then already carries the factor.
+        """
+        return self.grad_norm and self.q_scale == self.k_scale
+
+    def scale_after_hook(self, which: str) -> float:
+        """The factor still to be applied to a gradient read at ``attn.hook_{which}`` (q, k or v).
+
+        1 where the read gradient already carries it (q, k on the score gradient) or grad norm is off.
+        """
+        if not self.grad_norm or (which in ("q", "k") and self.qk_on_scores):
+            return 1.0
+        return getattr(self, f"{which}_scale")
+
     def replace(self, **changes) -> GIMConfig:
         return dataclasses.replace(self, **changes)
 

@@ -12,10 +12,14 @@ modified point:
 ============================  ===========================================================
 hook point                    gradient seen there
 ============================  ===========================================================
-``attn.hook_attn_scores``     the TSG gradient (after the modification)
+``attn.hook_attn_scores``     the TSG gradient (after TSG, before the q/k factor)
 ``attn.hook_pattern``         ``dL/dA`` as it arrives from ``A @ V``; a tensor returned there is
                               what TSG then turns into the score gradient
-``attn.hook_q/k/v``           the gradient *before* the ¼ / ¼ / ½ factor; upstream sees it scaled
+``attn.hook_q/k`` (and        the gradient *after* the ¼: the factor is applied once, to the score
+``hook_rot_q/k``)             gradient (as it leaves TSG), which scales both branches exactly.
+                              With unequal q/k factors it is applied at hook_q/k instead, and a
+                              hook there sees the gradient before it
+``attn.hook_v``               the gradient *before* the ½ factor; upstream sees it scaled
 ``mlp.hook_pre/_pre_linear``  the gradient *before* the ½ factor (gated MLPs only)
 ``*.hook_scale``              none on HookedTransformer (the scale is detached: no gradient
                               flows into it); TransformerBridge: the exact one, never used
@@ -25,7 +29,7 @@ hook point                    gradient seen there
 every other point             the GIM gradient (resid, z, result, mlp_out, embed, ...)
 ============================  ===========================================================
 
-A backward hook that *returns* a tensor at q/k/v/gate/up replaces what GIM sends upstream there
+A backward hook that *returns* a tensor at v/gate/up replaces what GIM sends upstream there
 (TL's last-returned-wins rule); read-only hooks are safe everywhere. TSG bypasses the model's own
 softmax node, so the set runs the backward hooks bound (at forward time, as PyTorch does) to
 ``hook_pattern`` and ``hook_attn_scores`` itself, in the same order and with the same semantics.
@@ -239,6 +243,9 @@ class GIMHookSet:
         cfg = self.config
         site = sites.attn
         fired = self._counted("tsg", site)
+        # q/k gradient normalization rides on TSG's output (GIMConfig.qk_on_scores).
+        qk_factor = cfg.q_scale if cfg.qk_on_scores else 1.0
+        qk_fired = self._counted("grad_norm.qk", f"{site}.hook_attn_scores") if qk_factor != 1.0 else None
         scores_point = layout.hook_points[f"{site}.hook_attn_scores"]
         pattern_point = layout.hook_points[f"{site}.hook_pattern"]
         pending: dict = {}
@@ -274,9 +281,16 @@ class GIMHookSet:
 
             def map_grad_scores(grad):
                 fired()
-                return run_backward_hooks(scores_point, scores_hooks, grad)
+                if qk_fired is None:
+                    return run_backward_hooks(scores_point, scores_hooks, grad)
+                qk_fired()
+                if scores_hooks:  # they may keep the tensor they saw: scale a copy
+                    return run_backward_hooks(scores_point, scores_hooks, grad) * qk_factor
+                return grad.mul_(qk_factor)  # TSG's own fresh buffer, seen by nobody
 
             self._forward[("tsg", site)] += 1
+            if qk_fired is not None:
+                self._forward[("grad_norm.qk", f"{site}.hook_attn_scores")] += 1
             return rules.apply_tsg(scores, pattern, cfg.temperature, keep_scores=keep_scores,
                                    use_triton=cfg.use_triton, map_grad_pattern=map_grad_pattern,
                                    map_grad_scores=map_grad_scores)
@@ -296,8 +310,13 @@ class GIMHookSet:
 
     def _grad_norm_hooks(self, sites: LayerSites) -> list[Hook]:
         cfg = self.config
-        hooks = [self._scale_hook(f"grad_norm.{p}", f"{sites.attn}.hook_{p}", getattr(cfg, f"{p}_scale"))
-                 for p in ("q", "k", "v")]
+        hooks = []
+        if not cfg.qk_on_scores:
+            hooks += [self._scale_hook(f"grad_norm.{p}", f"{sites.attn}.hook_{p}", getattr(cfg, f"{p}_scale"))
+                      for p in ("q", "k")]
+        elif not cfg.tsg and cfg.q_scale != 1.0:  # with TSG on, TSG's backward applies it
+            hooks.append(self._scale_hook("grad_norm.qk", f"{sites.attn}.hook_attn_scores", cfg.q_scale))
+        hooks.append(self._scale_hook("grad_norm.v", f"{sites.attn}.hook_v", cfg.v_scale))
         if sites.gated_mlp:
             hooks.append(self._scale_hook("grad_norm.gate", f"{sites.mlp}.hook_pre", cfg.gate_scale))
             hooks.append(self._scale_hook("grad_norm.up", f"{sites.mlp}.hook_pre_linear", cfg.up_scale))
@@ -319,45 +338,21 @@ class GIMHookSet:
 
             return [(f"{site}.hook_scale", detach_scale), (f"{site}.hook_normalized", count_backward)]
 
-        # "correct": the norm runs HF's kernel; fix its exact input gradient at hook_in.
-        calls: list[dict] = []
+        # "correct": the norm runs HF's kernel; a Function at its output sends the correction to its input.
+        pending: dict = {}
 
         def at_input(x, hook):
-            if not x.requires_grad:
-                return None
-            call: dict = {"x": x.detach()}  # autograd keeps x for the norm's own backward anyway
-            calls.append(call)
-
-            def freeze(grad: torch.Tensor) -> torch.Tensor:
-                # Pop what the forward left here, so nothing outlives this backward step.
-                data = {key: call.pop(key, None) for key in ("x", "scale", "grad_out")}
-                if any(value is None for value in data.values()):
-                    raise GIMRuleError(
-                        f"norm freeze at {site}: its forward values are gone or incomplete (missing "
-                        f"{[k for k, v in data.items() if v is None]}). GIM frees them after the first backward "
-                        "pass, so backward(retain_graph=True) twice is not supported: run the forward again.")
-                fired()
-                return rules.frozen_norm_grad(grad, data["x"], data["scale"], data["grad_out"],
-                                              norm.effective_weight(), centered=norm.centered)
-
-            return rules.map_grad(x, freeze)
-
-        def at_scale(scale, hook):
-            if calls:
-                calls[-1]["scale"] = scale.detach()
-            return None
+            pending["x"] = x
 
         def at_output(y, hook):
-            if not calls:
-                return None
-            call = calls.pop()
-            if not y.requires_grad:
+            x = pending.pop("x", None)
+            if x is None or not x.requires_grad or not y.requires_grad:
                 return None
             self._forward[("freeze_norm", site)] += 1
-            rules.capture_grad(y, lambda g: call.__setitem__("grad_out", g))
-            return None
+            return rules.apply_norm_freeze(y, x, norm.weight, weight_offset=norm.weight_offset, eps=norm.eps,
+                                           centered=norm.centered, on_backward=fired)
 
-        return [(f"{site}.hook_in", at_input), (f"{site}.hook_scale", at_scale), (f"{site}.hook_out", at_output)]
+        return [(f"{site}.hook_in", at_input), (f"{site}.hook_out", at_output)]
 
 
 def bound_backward_hooks(point) -> list[Callable]:

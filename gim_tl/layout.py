@@ -27,8 +27,9 @@ class NormSite:
     ``strategy`` says how the statistic is frozen:
     * ``"detach"``: ``hook_scale`` is in the graph (HookedTransformer): detach it in forward.
     * ``"correct"``: the norm may run HF's own kernel, whose ``hook_scale`` is a side value
-      (TransformerBridge): fix the gradient at ``hook_in`` with ``rules.frozen_norm_grad``, which
-      needs ``centered`` and the effective weight ``weight + weight_offset`` (Gemma: ``1 + w``).
+      (TransformerBridge): ``rules.apply_norm_freeze`` at ``hook_out`` sends a correction to the
+      input of ``hook_in``; it needs ``centered``, ``eps`` and the weight ``weight + weight_offset``
+      (Gemma: ``1 + w``).
     """
 
     prefix: str
@@ -36,10 +37,7 @@ class NormSite:
     centered: bool = False
     weight: torch.Tensor | None = None
     weight_offset: float = 0.0
-
-    def effective_weight(self) -> torch.Tensor | None:
-        """The per-feature factor the norm applies to ``(x − μ)/σ``, in fp32 (None: no weight)."""
-        return None if self.weight is None else self.weight.detach().float() + self.weight_offset
+    eps: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -89,42 +87,46 @@ def _require(model, hook_points: dict, names: list[str], why: str) -> None:
         )
 
 
-#: The weight convention found for each HF norm module (it cannot change without a new module).
-_WEIGHT_OFFSETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+#: The convention found for each HF norm module (it cannot change without a new module).
+_CONVENTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _weight_offset(prefix: str, hf_norm: torch.nn.Module, centered: bool, d_model: int) -> float:
-    """How ``hf_norm`` applies its weight: ``y = (w + offset) ⊙ (x − μ)/σ + b``, offset 0 or 1.
+def _norm_convention(prefix: str, hf_norm: torch.nn.Module, centered: bool, d_model: int) -> tuple[float, float]:
+    """``(offset, eps)`` such that ``hf_norm`` computes ``(w + offset) ⊙ (x − μ)/σ + b``, σ² = var + eps.
 
     Found once per module by running it on a probe, so the freeze does not rely on a flag: a norm
-    that fits neither convention (or has no visible weight but rescales anyway) is refused.
+    that fits neither weight convention (0 or Gemma's 1), or whose ε is not the one it declares
+    (the probe's second row has a variance of ε/4, where ε dominates σ), is refused.
     """
-    if hf_norm in _WEIGHT_OFFSETS:
-        return _WEIGHT_OFFSETS[hf_norm]
+    if hf_norm in _CONVENTIONS:
+        return _CONVENTIONS[hf_norm]
     weight = getattr(hf_norm, "weight", None)
     bias = getattr(hf_norm, "bias", None)
     eps = getattr(hf_norm, "variance_epsilon", None) or getattr(hf_norm, "eps", None) or 1e-5
+    eps = float(eps)
     ref = weight if weight is not None else next(hf_norm.parameters(), None)
     device = ref.device if ref is not None else "cpu"
     dtype = ref.dtype if ref is not None else torch.float32
-    probe = torch.randn(2, d_model, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    probe = torch.randn(2, d_model, generator=torch.Generator().manual_seed(0))
+    probe[1] = probe[1] / probe[1].pow(2).mean().sqrt() * (eps / 4) ** 0.5  # σ² ≈ 1.25 ε (RMS case)
+    probe = probe.to(device, dtype)
     with torch.no_grad():
         got = hf_norm(probe).float()
         x = probe.float()
         x = x - x.mean(-1, keepdim=True) if centered else x
-        normed = x / (x.pow(2).mean(-1, keepdim=True) + float(eps)).sqrt()
+        normed = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
         if bias is not None:
             got = got - bias.float()
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         for offset in (0.0, 1.0) if weight is not None else (0.0,):
             want = normed if weight is None else normed * (weight.float() + offset)
             if torch.allclose(got, want, rtol=tol, atol=tol):
-                _WEIGHT_OFFSETS[hf_norm] = offset
-                return offset
+                _CONVENTIONS[hf_norm] = (offset, eps)
+                return offset, eps
     raise GIMModelError(
         f"{prefix}: the HF norm {type(hf_norm).__name__} computes neither w ⊙ (x − μ)/σ + b nor "
-        "(1 + w) ⊙ (x − μ)/σ + b, so GIM cannot freeze its statistic. Pass freeze_norm=False, or use a "
-        "HookedTransformer (TL 3.9) conversion of the model.")
+        f"(1 + w) ⊙ (x − μ)/σ + b with σ² = var + {eps:g} (its declared eps), so GIM cannot freeze its "
+        "statistic. Pass freeze_norm=False, or use a HookedTransformer (TL 3.9) conversion of the model.")
 
 
 def _bridge_norm(model, hook_points: dict, prefix: str) -> NormSite:
@@ -135,9 +137,9 @@ def _bridge_norm(model, hook_points: dict, prefix: str) -> NormSite:
     if hf_norm is None or isinstance(hf_norm, torch.nn.Identity):
         raise GIMModelError(f"{prefix} has no HF norm module behind it; GIM cannot freeze its statistic. "
                             "Pass freeze_norm=False.")
-    offset = _weight_offset(prefix, hf_norm, centered, int(model.cfg.d_model))
+    offset, eps = _norm_convention(prefix, hf_norm, centered, int(model.cfg.d_model))
     return NormSite(prefix, "correct", centered=centered, weight=getattr(hf_norm, "weight", None),
-                    weight_offset=offset)
+                    weight_offset=offset, eps=eps)
 
 
 def discover(model, *, norms: bool = True) -> ModelLayout:

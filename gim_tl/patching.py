@@ -553,7 +553,8 @@ def _derived_qkv_grads(model, layer: int, x: Float[Tensor, "batch pos d_model"],
     """Per-head gradients at each head's q/k/v input (the residual before ln1), without split inputs.
 
     Head h's share of the gradient at ln1's output is ``s · W_Q[h] g_q[h]`` (``g_q`` = the gradient at
-    ``hook_q``, which under GIM is read before the q-scale ``s``; same for k, v per KV head). It is pulled
+    ``hook_q``; ``s`` the GIM factor it does not carry yet, see ``GIMConfig.scale_after_hook``: 1 for q
+    and k, whose factor sits on the score gradient, v's ½ for v; same for k, v per KV head). It is pulled
     back through ln1 by calling the model's own ln1 on per-head copies of the clean residual, inside the
     caller's hook context, so GIM's norm freeze applies exactly as in the model's backward.
     """
@@ -562,7 +563,7 @@ def _derived_qkv_grads(model, layer: int, x: Float[Tensor, "batch pos d_model"],
     for which in ("q", "k", "v"):
         g = grads[f"blocks.{layer}.attn.hook_{which}"].float()          # [batch, pos, n, d_head]
         w = _head_weight(attn, which.upper(), g.shape[2]).float()       # [n, d_model, d_head]
-        scale = getattr(config, f"{which}_scale") if config.grad_norm else 1.0
+        scale = config.scale_after_hook(which)
         parts.append(scale * torch.einsum("bpne,nde->bpnd", g, w))
     cotangent = torch.cat(parts, dim=2)
     n = cotangent.shape[2]

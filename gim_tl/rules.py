@@ -71,7 +71,12 @@ def tsg_grad_scores_reference(
     ``finfo.min`` mask gives such a row a uniform pattern).
     """
     a_t = tempered_pattern(source, temperature, source_is_scores=source_is_scores)
-    d_scores = torch._softmax_backward_data(grad_pattern.float(), a_t, -1, torch.float32)
+    # On CPU, write dS over A_T (a fresh buffer): the kernel finishes each row's dot product before
+    # writing the row, and one [batch, head, query, key] allocation fewer matters there (each large one
+    # is page-faulted in anew). Elsewhere let the op allocate.
+    out = a_t if a_t.device.type == "cpu" else torch.empty_like(a_t)
+    d_scores = torch.ops.aten._softmax_backward_data.out(grad_pattern.float(), a_t, -1, torch.float32,
+                                                         grad_input=out)
     if row_valid is not None:
         d_scores.mul_(row_valid.unsqueeze(-1))
     return d_scores
@@ -83,8 +88,8 @@ def fully_masked_rows(scores: Float[Tensor, "... query key"]) -> Bool[Tensor, ".
     In causal self-attention a row is fully masked only if its diagonal entry is, so the full
     row check runs only when some diagonal entry is masked (left padding); it is cheap otherwise.
     """
-    if scores.shape[-1] == scores.shape[-2]:
-        if not masked_below(scores.diagonal(dim1=-2, dim2=-1)).any():
+    if scores.shape[-1] == scores.shape[-2] and scores.numel():
+        if scores.diagonal(dim1=-2, dim2=-1).min() > torch.finfo(scores.dtype).min / 2:
             return None
     rows = masked_below(scores).all(-1)
     return rows if rows.any() else None
@@ -219,29 +224,70 @@ def freeze_scale(scale: Float[Tensor, "batch pos 1"]) -> Float[Tensor, "batch po
     return scale.detach()
 
 
-def frozen_norm_grad(
-    grad_in: Float[Tensor, "batch pos d"],
-    x: Float[Tensor, "batch pos d"],
-    scale: Float[Tensor, "batch pos 1"],
+def frozen_norm_correction(
     grad_out: Float[Tensor, "batch pos d"],
+    x: Float[Tensor, "batch pos d"],
     weight: Float[Tensor, " d"] | None,
+    eps: float,
     *,
     centered: bool,
 ) -> Float[Tensor, "batch pos d"]:
-    """Turn a norm's exact input gradient into the frozen-statistic one (in ``grad_in``'s dtype).
+    """What turns a norm's exact input gradient into the frozen-statistic one (in ``x``'s dtype).
 
-    For ``y = w ⊙ (x − μ)/σ + b`` (RMSNorm: μ = 0, b = 0, σ = rms), the exact VJP minus the frozen
-    one is ``−c·(x − μ)`` with ``c = ⟨g ⊙ w, x − μ⟩ / (d σ³)``, so we add ``c·(x − μ)``: one fused
-    pass over ``[batch, pos, d]`` besides ``g ⊙ w`` (one more for centred norms). ``x``: the norm's
-    input; ``scale``: σ; ``g = grad_out``: the gradient at its output; ``weight``: the effective
-    ``w`` (Gemma's ``1 + w``; None for none). The output ``y`` is not needed, so nothing beyond
-    what autograd keeps anyway is held for it.
+    For ``y = w ⊙ (x − μ)/σ + b`` with ``σ² = mean((x − μ)²) + eps`` (RMSNorm: μ = 0, b = 0), the
+    exact VJP minus the frozen one is ``−c·(x − μ)`` with ``c = ⟨g ⊙ w, x − μ⟩ / (d σ³)``, so this
+    returns ``c·(x − μ)``. ``g = grad_out``: the gradient at the norm's output; ``x``: its input;
+    ``weight``: the effective ``w`` (Gemma's ``1 + w``; None for none). σ is recomputed from ``x``,
+    so nothing beyond the input (which autograd keeps for the norm anyway) is needed.
     """
     d = x.shape[-1]
-    x = x.float()
+    xc = x.float()
     if centered:
-        x = x - x.mean(-1, keepdim=True)
-    g = grad_out.float()
-    gw = g if weight is None else g * weight
-    c = (torch.linalg.vecdot(gw, x) / (d * scale.float().squeeze(-1).pow(3))).unsqueeze(-1)
-    return torch.addcmul(grad_in.float(), x, c).to(grad_in.dtype)
+        xc = xc - xc.mean(-1, keepdim=True)
+    gw = grad_out.float() if weight is None else grad_out.float() * weight
+    inv_sigma3 = torch.linalg.vecdot(xc, xc).div_(d).add_(eps).pow_(-1.5)
+    c = torch.linalg.vecdot(gw, xc).mul_(inv_sigma3).div_(d)
+    return (xc * c.unsqueeze(-1)).to(x.dtype)
+
+
+class FrozenNormCorrection(torch.autograd.Function):
+    """Forward: a norm's output ``y`` unchanged. Backward: ``g`` flows on to ``y`` (the norm's own,
+    exact backward) and :func:`frozen_norm_correction` goes straight to the norm's input ``x``;
+    autograd adds the two at ``x``, which gives the frozen-statistic gradient there.
+
+    For norms that run a fused kernel whose statistic is not a node in the graph (TransformerBridge
+    wraps HF's norm module): one Function at the output instead of a change to the module.
+    """
+
+    @staticmethod
+    def forward(ctx, y, x, weight, weight_offset, eps, centered, on_backward):
+        ctx.save_for_backward(x)
+        ctx.settings = (weight, weight_offset, eps, centered, on_backward)
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        weight, weight_offset, eps, centered, on_backward = ctx.settings
+        if on_backward is not None:
+            on_backward()
+        w = None if weight is None else weight.detach().float() + weight_offset
+        return grad_y, frozen_norm_correction(grad_y, x, w, eps, centered=centered), None, None, None, None, None
+
+
+def apply_norm_freeze(
+    y: Float[Tensor, "batch pos d"],
+    x: Float[Tensor, "batch pos d"],
+    weight: Tensor | None,
+    *,
+    weight_offset: float = 0.0,
+    eps: float,
+    centered: bool,
+    on_backward: Callable[[], None] | None = None,
+) -> Float[Tensor, "batch pos d"]:
+    """Return ``y`` (same values) whose backward freezes the statistic of the norm ``x ↦ y``.
+
+    ``weight`` is the norm's weight parameter (read at backward time) and ``weight_offset`` what the
+    norm adds to it (Gemma: 1); ``eps`` and ``centered`` (LayerNorm) as in :func:`frozen_norm_correction`.
+    """
+    return FrozenNormCorrection.apply(y, x, weight, float(weight_offset), float(eps), centered, on_backward)

@@ -348,9 +348,11 @@ def attention(layer: Layer, u: Tensor, arch: Arch, rules: Rules, record: dict | 
     q = _project(u, layer.w_q, layer.b_q)
     k = _project(u, layer.w_k, layer.b_k)
     v = _project(u, layer.w_v, layer.b_v)
+    # Recorded where each TL hook reads its gradient: q and k after their factor, v before it.
+    q, k = _keep(record, f"{prefix}.attn.hook_q", q), _keep(record, f"{prefix}.attn.hook_k", k)
     if rules.grad_norm:
         q, k, v = grad_times(q, rules.q), grad_times(k, rules.k), grad_times(v, rules.v)
-    q, k, v = (_keep(record, f"{prefix}.attn.hook_{n}", t) for n, t in (("q", q), ("k", k), ("v", v)))
+    v = _keep(record, f"{prefix}.attn.hook_v", v)
     if arch.rotary_base is not None:
         q, k = rotate(q, arch.rotary_base), rotate(k, arch.rotary_base)
     group = q.shape[2] // k.shape[2]

@@ -211,27 +211,54 @@ NORMS = [
 
 
 @pytest.mark.parametrize("kind", NORMS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16-grad"])
-def test_frozen_norm_grad_turns_exact_into_frozen_gradient(kind, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_norm_freeze_turns_the_exact_gradient_into_the_frozen_one(kind, dtype):
+    """``apply_norm_freeze`` on the output of an exact norm gives the input gradient of the same
+    norm with σ detached (hand-written), in the model's dtype."""
     gen = torch.Generator().manual_seed(5)
-    x = 3 * torch.randn(2, 4, 16, generator=gen) + 0.5
-    weight = torch.randn(16, generator=gen)
-    bias = torch.randn(16, generator=gen) if kind["bias"] else None
-    g = torch.randn(2, 4, 16, generator=gen)
+    x = (3 * torch.randn(2, 4, 16, generator=gen) + 0.5).to(dtype)
+    weight = torch.randn(16, generator=gen).to(dtype)
+    bias = torch.randn(16, generator=gen).to(dtype) if kind["bias"] else None
+    g = torch.randn(2, 4, 16, generator=gen).to(dtype)
+    fired = []
 
     grads = {}
     for freeze in (False, True):
-        xi = x.clone().requires_grad_(True)
-        y, sigma = hand_norm(xi, weight, bias, centered=kind["centered"], gemma=kind["gemma"], freeze=freeze)
-        y.backward(g)
+        xi = x.float().clone().requires_grad_(True)
+        y, _ = hand_norm(xi, weight.float(), None if bias is None else bias.float(),
+                         centered=kind["centered"], gemma=kind["gemma"], freeze=freeze)
+        y.backward(g.float())
         grads[freeze] = xi.grad
-    effective = 1 + weight if kind["gemma"] else weight
-    got = rules.frozen_norm_grad(grads[False].to(dtype), x, sigma.detach(), g, effective, centered=kind["centered"])
-    assert got.dtype == dtype
+
+    xi = x.clone().requires_grad_(True)
+    y, _ = hand_norm(xi, weight, bias, centered=kind["centered"], gemma=kind["gemma"], freeze=False)
+    y = y.to(dtype)
+    frozen = rules.apply_norm_freeze(y, xi, weight, weight_offset=1.0 if kind["gemma"] else 0.0, eps=1e-5,
+                                     centered=kind["centered"], on_backward=lambda: fired.append(1))
+    assert torch.equal(frozen, y)
+    frozen.backward(g)
+    assert xi.grad.dtype == dtype and fired == [1]
     scale = grads[True].abs().max().item()
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(got.float(), grads[True], rtol=tol, atol=tol * scale)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(xi.grad.float(), grads[True], rtol=tol, atol=tol * scale)
     assert (grads[True] - grads[False]).abs().max() > 1e-2 * scale, "freeze must matter in this example"
+
+
+def test_frozen_norm_correction_recomputes_sigma_with_eps():
+    """Where ε dominates the variance, σ must include it: the correction at ε = 1e-2 differs from ε = 0."""
+    gen = torch.Generator().manual_seed(1)
+    x = 0.05 * torch.randn(3, 8, generator=gen)
+    g = torch.randn(3, 8, generator=gen)
+    for eps in (1e-2, 1e-6):
+        xi = x.clone().requires_grad_(True)
+        y, _ = hand_norm(xi, torch.ones(8), None, centered=False, gemma=False, freeze=False, eps=eps)
+        y.backward(g)
+        exact = xi.grad
+        xi = x.clone().requires_grad_(True)
+        y, _ = hand_norm(xi, torch.ones(8), None, centered=False, gemma=False, freeze=True, eps=eps)
+        y.backward(g)
+        got = exact + rules.frozen_norm_correction(g, x, None, eps, centered=False)
+        torch.testing.assert_close(got, xi.grad, rtol=1e-5, atol=1e-5 * xi.grad.abs().max().item())
 
 
 def test_map_grad_touches_only_its_branch_and_capture_grad_reads_the_total():
