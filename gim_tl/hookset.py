@@ -21,18 +21,21 @@ hook point                    gradient seen there
                               hook there sees the gradient before it
 ``attn.hook_v``               the gradient *before* the ½ factor; upstream sees it scaled
 ``mlp.hook_pre/_pre_linear``  the gradient *before* the ½ factor (gated MLPs only)
-``*.hook_scale``              none on HookedTransformer (the scale is detached: no gradient
-                              flows into it); TransformerBridge: the exact one, never used
-``ln*.hook_in`` (Bridge)      the exact norm gradient; the freeze correction is added as it
-                              leaves the point (TL aliases ``hook_resid_mid`` to ``ln2.hook_in``
-                              on bridges: read ``hook_resid_pre/post`` for residual gradients)
+``*.hook_scale``,             HookedTransformer: none at hook_scale (detached), the GIM
+``*.hook_normalized``         gradient at hook_normalized. TransformerBridge: none at either
+                              (side values of the norm, whose backward GIM replaces)
+``ln*.hook_in`` (Bridge)      the norm branch's GIM (frozen-statistic) gradient; the set runs
+                              this point's backward hooks itself, as for TSG (TL aliases
+                              ``hook_resid_mid`` to ``ln2.hook_in`` on bridges: that is the MLP
+                              branch only; read ``hook_resid_pre/post`` for residual gradients)
 every other point             the GIM gradient (resid, z, result, mlp_out, embed, ...)
 ============================  ===========================================================
 
 A backward hook that *returns* a tensor at v/gate/up replaces what GIM sends upstream there
 (TL's last-returned-wins rule); read-only hooks are safe everywhere. TSG bypasses the model's own
-softmax node, so the set runs the backward hooks bound (at forward time, as PyTorch does) to
-``hook_pattern`` and ``hook_attn_scores`` itself, in the same order and with the same semantics.
+softmax node (and the Bridge norm freeze its norm's backward), so the set runs the backward hooks
+bound (at forward time, as PyTorch does) to ``hook_pattern``, ``hook_attn_scores`` and a Bridge
+norm's ``hook_in`` itself, in the same order and with the same semantics.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ class GIMHookSet:
                 raise GIMModelError(f"{type(model).__name__} has no *.hook_scale points: the norm freeze cannot be "
                                     "applied. Pass freeze_norm=False if the model really has no LayerNorm/RMSNorm.")
             for norm in layout.norms:
-                hooks += self._freeze_hooks(norm)
+                hooks += self._freeze_hooks(layout, norm)
         return hooks
 
     def bwd_hooks(self, model) -> list[Hook]:
@@ -322,7 +325,7 @@ class GIMHookSet:
             hooks.append(self._scale_hook("grad_norm.up", f"{sites.mlp}.hook_pre_linear", cfg.up_scale))
         return hooks
 
-    def _freeze_hooks(self, norm: NormSite) -> list[Hook]:
+    def _freeze_hooks(self, layout: ModelLayout, norm: NormSite) -> list[Hook]:
         site = norm.prefix
         fired = self._counted("freeze_norm", site)
         if norm.strategy == "detach":
@@ -338,19 +341,26 @@ class GIMHookSet:
 
             return [(f"{site}.hook_scale", detach_scale), (f"{site}.hook_normalized", count_backward)]
 
-        # "correct": the norm runs HF's kernel; a Function at its output sends the correction to its input.
+        # "replace": the norm runs HF's kernel; a Function at its output replaces its backward.
+        in_point = layout.hook_points[f"{site}.hook_in"]
         pending: dict = {}
 
         def at_input(x, hook):
             pending["x"] = x
+            pending["hooks"] = bound_backward_hooks(in_point)
 
         def at_output(y, hook):
-            x = pending.pop("x", None)
-            if x is None or not x.requires_grad or not y.requires_grad:
+            x, in_hooks = pending.pop("x", None), pending.pop("hooks", [])
+            if x is None or not y.requires_grad:
                 return None
+
+            def map_grad_input(grad):  # the norm's own backward is bypassed: run hook_in's hooks here
+                fired()
+                return run_backward_hooks(in_point, in_hooks, grad) if in_hooks else grad
+
             self._forward[("freeze_norm", site)] += 1
-            return rules.apply_norm_freeze(y, x, norm.weight, weight_offset=norm.weight_offset, eps=norm.eps,
-                                           centered=norm.centered, on_backward=fired)
+            return rules.apply_norm_freeze(y, x, norm.weight, norm.bias, weight_offset=norm.weight_offset,
+                                           eps=norm.eps, centered=norm.centered, map_grad_input=map_grad_input)
 
         return [(f"{site}.hook_in", at_input), (f"{site}.hook_out", at_output)]
 

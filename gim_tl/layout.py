@@ -26,16 +26,16 @@ class NormSite:
 
     ``strategy`` says how the statistic is frozen:
     * ``"detach"``: ``hook_scale`` is in the graph (HookedTransformer): detach it in forward.
-    * ``"correct"``: the norm may run HF's own kernel, whose ``hook_scale`` is a side value
-      (TransformerBridge): ``rules.apply_norm_freeze`` at ``hook_out`` sends a correction to the
-      input of ``hook_in``; it needs ``centered``, ``eps`` and the weight ``weight + weight_offset``
-      (Gemma: ``1 + w``).
+    * ``"replace"``: the norm may run HF's own kernel, whose ``hook_scale`` is a side value
+      (TransformerBridge): ``rules.apply_norm_freeze`` at ``hook_out`` replaces the norm's backward;
+      it needs ``centered``, ``eps``, the parameters and ``weight_offset`` (Gemma's ``1 + w``: 1).
     """
 
     prefix: str
-    strategy: Literal["detach", "correct"]
+    strategy: Literal["detach", "replace"]
     centered: bool = False
     weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
     weight_offset: float = 0.0
     eps: float = 1e-5
 
@@ -138,8 +138,8 @@ def _bridge_norm(model, hook_points: dict, prefix: str) -> NormSite:
         raise GIMModelError(f"{prefix} has no HF norm module behind it; GIM cannot freeze its statistic. "
                             "Pass freeze_norm=False.")
     offset, eps = _norm_convention(prefix, hf_norm, centered, int(model.cfg.d_model))
-    return NormSite(prefix, "correct", centered=centered, weight=getattr(hf_norm, "weight", None),
-                    weight_offset=offset, eps=eps)
+    return NormSite(prefix, "replace", centered=centered, weight=getattr(hf_norm, "weight", None),
+                    bias=getattr(hf_norm, "bias", None), weight_offset=offset, eps=eps)
 
 
 def discover(model, *, norms: bool = True) -> ModelLayout:

@@ -616,7 +616,7 @@ def eap(
     writers = ["blocks.0.hook_resid_pre"] + [f"blocks.{layer}.{p}" for layer in range(n_layers)
                                              for p in ("attn.hook_z", "hook_mlp_out")]
     # ∂/∂attn_out is the full gradient at resid_mid. (On a bridge, hook_resid_mid is ln2.hook_in: its
-    # backward hook sees only the MLP branch, and under GIM before the norm-freeze correction.)
+    # backward hook sees only the MLP branch.)
     resid = [f"blocks.{layer}.{p}" for layer in range(n_layers) for p in ("hook_attn_out", "hook_resid_post")]
     if split:
         readers = [f"blocks.{layer}.hook_{w}_input" for layer in range(n_layers) for w in "qkv"]

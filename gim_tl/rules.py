@@ -71,10 +71,11 @@ def tsg_grad_scores_reference(
     ``finfo.min`` mask gives such a row a uniform pattern).
     """
     a_t = tempered_pattern(source, temperature, source_is_scores=source_is_scores)
-    # On CPU, write dS over A_T (a fresh buffer): the kernel finishes each row's dot product before
-    # writing the row, and one [batch, head, query, key] allocation fewer matters there (each large one
-    # is page-faulted in anew). Elsewhere let the op allocate.
-    out = a_t if a_t.device.type == "cpu" else torch.empty_like(a_t)
+    # On CPU, write dS over A_T (a fresh buffer) when its rows are contiguous: the kernel then finishes
+    # each row's dot product before writing the row, and one [batch, head, query, key] allocation fewer
+    # matters there (each large one is page-faulted in anew). Otherwise let the op allocate.
+    in_place = a_t.device.type == "cpu" and a_t.is_contiguous()
+    out = a_t if in_place else torch.empty_like(a_t, memory_format=torch.contiguous_format)
     d_scores = torch.ops.aten._softmax_backward_data.out(grad_pattern.float(), a_t, -1, torch.float32,
                                                          grad_input=out)
     if row_valid is not None:
@@ -224,7 +225,7 @@ def freeze_scale(scale: Float[Tensor, "batch pos 1"]) -> Float[Tensor, "batch po
     return scale.detach()
 
 
-def frozen_norm_correction(
+def frozen_norm_input_grad(
     grad_out: Float[Tensor, "batch pos d"],
     x: Float[Tensor, "batch pos d"],
     weight: Float[Tensor, " d"] | None,
@@ -232,62 +233,85 @@ def frozen_norm_correction(
     *,
     centered: bool,
 ) -> Float[Tensor, "batch pos d"]:
-    """What turns a norm's exact input gradient into the frozen-statistic one (in ``x``'s dtype).
+    """Input gradient of ``y = w ⊙ (x − μ)/σ + b`` with σ a constant: ``(I − 11ᵀ/d)(g ⊙ w)/σ``.
 
-    For ``y = w ⊙ (x − μ)/σ + b`` with ``σ² = mean((x − μ)²) + eps`` (RMSNorm: μ = 0, b = 0), the
-    exact VJP minus the frozen one is ``−c·(x − μ)`` with ``c = ⟨g ⊙ w, x − μ⟩ / (d σ³)``, so this
-    returns ``c·(x − μ)``. ``g = grad_out``: the gradient at the norm's output; ``x``: its input;
-    ``weight``: the effective ``w`` (Gemma's ``1 + w``; None for none). σ is recomputed from ``x``,
-    so nothing beyond the input (which autograd keeps for the norm anyway) is needed.
+    RMSNorm (μ = 0): ``(g ⊙ w)/σ``. ``σ² = mean((x − μ)²) + eps`` is recomputed from ``x``;
+    ``weight`` is the effective ``w`` (Gemma's ``1 + w``; None for none). In fp32, returned in x's dtype.
     """
-    d = x.shape[-1]
     xc = x.float()
     if centered:
         xc = xc - xc.mean(-1, keepdim=True)
     gw = grad_out.float() if weight is None else grad_out.float() * weight
-    inv_sigma3 = torch.linalg.vecdot(xc, xc).div_(d).add_(eps).pow_(-1.5)
-    c = torch.linalg.vecdot(gw, xc).mul_(inv_sigma3).div_(d)
-    return (xc * c.unsqueeze(-1)).to(x.dtype)
+    if centered:
+        gw = gw - gw.mean(-1, keepdim=True)
+    inv_sigma = torch.linalg.vecdot(xc, xc).div_(x.shape[-1]).add_(eps).rsqrt_()
+    return (gw * inv_sigma.unsqueeze(-1)).to(x.dtype)
 
 
-class FrozenNormCorrection(torch.autograd.Function):
-    """Forward: a norm's output ``y`` unchanged. Backward: ``g`` flows on to ``y`` (the norm's own,
-    exact backward) and :func:`frozen_norm_correction` goes straight to the norm's input ``x``;
-    autograd adds the two at ``x``, which gives the frozen-statistic gradient there.
+def norm_param_grads(
+    grad_out: Float[Tensor, "batch pos d"], x: Float[Tensor, "batch pos d"], eps: float, *, centered: bool
+) -> tuple[Float[Tensor, " d"], Float[Tensor, " d"]]:
+    """The exact (fp32) weight and bias gradients of ``y = w ⊙ (x − μ)/σ + b``: ``Σ g ⊙ x̂`` and ``Σ g``.
+
+    The same for Gemma's ``(1 + w)``; σ being frozen or not does not enter them.
+    """
+    xc = x.float()
+    if centered:
+        xc = xc - xc.mean(-1, keepdim=True)
+    x_hat = xc * torch.linalg.vecdot(xc, xc).div_(x.shape[-1]).add_(eps).rsqrt_().unsqueeze(-1)
+    g = grad_out.float().reshape(-1, x.shape[-1])
+    return (g * x_hat.reshape(g.shape)).sum(0), g.sum(0)
+
+
+class FrozenNorm(torch.autograd.Function):
+    """Forward: a norm's output ``y`` unchanged. Backward: the frozen-statistic input gradient to ``x``
+    and the exact weight and bias gradients, in place of the norm's own backward (which is not run).
 
     For norms that run a fused kernel whose statistic is not a node in the graph (TransformerBridge
-    wraps HF's norm module): one Function at the output instead of a change to the module.
+    wraps HF's norm module): a replacement of the norm's backward instead of a change to the module.
+    ``map_grad_input`` runs on the input gradient (the hook set runs the bypassed ``hook_in``'s
+    backward hooks there).
     """
 
     @staticmethod
-    def forward(ctx, y, x, weight, weight_offset, eps, centered, on_backward):
+    def forward(ctx, y, x, weight, bias, weight_offset, eps, centered, map_grad_input):
         ctx.save_for_backward(x)
-        ctx.settings = (weight, weight_offset, eps, centered, on_backward)
+        ctx.settings = (weight, bias, weight_offset, eps, centered, map_grad_input)
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y):
         (x,) = ctx.saved_tensors
-        weight, weight_offset, eps, centered, on_backward = ctx.settings
-        if on_backward is not None:
-            on_backward()
-        w = None if weight is None else weight.detach().float() + weight_offset
-        return grad_y, frozen_norm_correction(grad_y, x, w, eps, centered=centered), None, None, None, None, None
+        weight, bias, weight_offset, eps, centered, map_grad_input = ctx.settings
+        _, need_x, need_w, need_b = ctx.needs_input_grad[:4]
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            w = None if weight is None else (weight if weight_offset == 0 else weight + weight_offset).float()
+            grad_x = frozen_norm_input_grad(grad_y, x, w, eps, centered=centered)
+            if map_grad_input is not None:
+                grad_x = map_grad_input(grad_x)
+        if need_w or need_b:
+            gw, gb = norm_param_grads(grad_y, x, eps, centered=centered)
+            grad_w = gw.to(weight.dtype) if need_w else None
+            grad_b = gb.to(bias.dtype) if need_b else None
+        return None, grad_x, grad_w, grad_b, None, None, None, None
 
 
 def apply_norm_freeze(
     y: Float[Tensor, "batch pos d"],
     x: Float[Tensor, "batch pos d"],
     weight: Tensor | None,
+    bias: Tensor | None = None,
     *,
     weight_offset: float = 0.0,
     eps: float,
     centered: bool,
-    on_backward: Callable[[], None] | None = None,
+    map_grad_input: GradMap | None = None,
 ) -> Float[Tensor, "batch pos d"]:
-    """Return ``y`` (same values) whose backward freezes the statistic of the norm ``x ↦ y``.
+    """Return ``y`` (same values) whose backward is that of the norm ``x ↦ y`` with its statistic frozen.
 
-    ``weight`` is the norm's weight parameter (read at backward time) and ``weight_offset`` what the
-    norm adds to it (Gemma: 1); ``eps`` and ``centered`` (LayerNorm) as in :func:`frozen_norm_correction`.
+    ``weight``/``bias``: the norm's parameters (their gradients are the exact ones); ``weight_offset``
+    what the norm adds to the weight (Gemma: 1); ``eps`` and ``centered`` (LayerNorm) define σ.
     """
-    return FrozenNormCorrection.apply(y, x, weight, float(weight_offset), float(eps), centered, on_backward)
+    return FrozenNorm.apply(y.detach(), x, weight, bias, float(weight_offset), float(eps), centered,
+                            map_grad_input)

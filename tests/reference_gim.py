@@ -391,7 +391,8 @@ def forward(
     """Logits from token embeddings ``W_E[tokens]`` under ``rules``.
 
     ``record`` (a dict) receives retained intermediates under TL hook names (``blocks.0.hook_resid_pre``,
-    ``blocks.0.attn.hook_q`` (its gradient is the one *before* the ¼), ``...hook_attn_scores``).
+    ``blocks.0.attn.hook_q`` (its gradient is the one *after* the ¼), ``...hook_attn_scores``,
+    ``ln_final.hook_in``: the last residual, whose only reader is the final norm).
     """
     h = embeds if arch.embed_scale is None else embeds * arch.embed_scale
     h = _keep(record, "hook_embed", h)  # TL's hook_embed is after Gemma's √d scaling
@@ -408,6 +409,7 @@ def forward(
         if layer.ln2_post is not None:
             mlp_out = layer.ln2_post(mlp_out, rules)
         h = h + mlp_out
+    h = _keep(record, "ln_final.hook_in", h)
     logits = arch.ln_final(h, rules) @ arch.w_unembed
     return logits if arch.b_unembed is None else logits + arch.b_unembed
 

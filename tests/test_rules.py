@@ -1,7 +1,7 @@
 """Unit tests of ``gim_tl.rules`` against hand-derived math (no models).
 
 TSG is checked against the softmax Jacobian ``diag(a) − a aᵀ`` at ``a = softmax(S/T)``, built row by row
-in float64; the norm correction against autograd of hand-written norms whose statistic is detached.
+in float64; the norm freeze against autograd of hand-written norms whose statistic is detached.
 """
 
 from __future__ import annotations
@@ -87,6 +87,21 @@ def test_tsg_from_scores_finds_empty_rows_itself(mask_value):
     scores, mask, g = masked_rows_case(mask_value)
     got = rules.tsg_grad_scores_reference(scores, g, 2.0, source_is_scores=True)
     assert_tsg_close(got, tsg_row_by_row(scores, mask, g, 2.0))
+
+
+@pytest.mark.parametrize("source_is_scores", [True, False], ids=["scores", "pattern"])
+def test_tsg_reference_on_non_contiguous_inputs(source_is_scores):
+    """A transposed (non-contiguous) source or gradient gives the same dS as contiguous copies."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(2, 3, 7, 7, generator=gen).masked_fill(torch.ones(7, 7, dtype=torch.bool).triu(1), -math.inf)
+    source = scores if source_is_scores else scores.softmax(-1)
+    grad = torch.randn(2, 3, 7, 7, generator=gen)
+    want = rules.tsg_grad_scores_reference(source, grad, 2.0, source_is_scores=source_is_scores)
+    src_t = source.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, key dim strided
+    grad_t = grad.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not src_t.is_contiguous() and not grad_t.is_contiguous()
+    got = rules.tsg_grad_scores_reference(src_t, grad_t, 2.0, source_is_scores=source_is_scores)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
 def test_tsg_from_zero_pattern_row_is_zero():
@@ -212,52 +227,55 @@ NORMS = [
 
 @pytest.mark.parametrize("kind", NORMS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_norm_freeze_turns_the_exact_gradient_into_the_frozen_one(kind, dtype):
-    """``apply_norm_freeze`` on the output of an exact norm gives the input gradient of the same
-    norm with σ detached (hand-written), in the model's dtype."""
+def test_norm_freeze_replaces_the_backward_by_the_frozen_one(kind, dtype):
+    """``apply_norm_freeze`` on a norm's output: the input gradient is that of the same norm with σ
+    detached, the weight and bias gradients the exact ones (hand-written norm, autograd), in the
+    model's dtype; the norm's own backward is not run, and ``map_grad_input`` sees the input gradient."""
     gen = torch.Generator().manual_seed(5)
     x = (3 * torch.randn(2, 4, 16, generator=gen) + 0.5).to(dtype)
-    weight = torch.randn(16, generator=gen).to(dtype)
-    bias = torch.randn(16, generator=gen).to(dtype) if kind["bias"] else None
+    weight = torch.randn(16, generator=gen).to(dtype).requires_grad_(True)
+    bias = torch.randn(16, generator=gen).to(dtype).requires_grad_(True) if kind["bias"] else None
     g = torch.randn(2, 4, 16, generator=gen).to(dtype)
-    fired = []
 
-    grads = {}
+    want = {}
     for freeze in (False, True):
         xi = x.float().clone().requires_grad_(True)
-        y, _ = hand_norm(xi, weight.float(), None if bias is None else bias.float(),
-                         centered=kind["centered"], gemma=kind["gemma"], freeze=freeze)
+        w32 = weight.detach().float().requires_grad_(True)
+        b32 = None if bias is None else bias.detach().float().requires_grad_(True)
+        y, _ = hand_norm(xi, w32, b32, centered=kind["centered"], gemma=kind["gemma"], freeze=freeze)
         y.backward(g.float())
-        grads[freeze] = xi.grad
+        want[freeze] = (xi.grad, w32.grad, None if b32 is None else b32.grad)
 
     xi = x.clone().requires_grad_(True)
     y, _ = hand_norm(xi, weight, bias, centered=kind["centered"], gemma=kind["gemma"], freeze=False)
-    y = y.to(dtype)
-    frozen = rules.apply_norm_freeze(y, xi, weight, weight_offset=1.0 if kind["gemma"] else 0.0, eps=1e-5,
-                                     centered=kind["centered"], on_backward=lambda: fired.append(1))
+    y.register_hook(lambda grad: pytest.fail("the norm's own backward must not run"))
+    seen = []
+    frozen = rules.apply_norm_freeze(y, xi, weight, bias, weight_offset=1.0 if kind["gemma"] else 0.0, eps=1e-5,
+                                     centered=kind["centered"], map_grad_input=lambda d: seen.append(d) or 2 * d)
     assert torch.equal(frozen, y)
     frozen.backward(g)
-    assert xi.grad.dtype == dtype and fired == [1]
-    scale = grads[True].abs().max().item()
+    assert xi.grad.dtype == dtype and len(seen) == 1
+    scale = want[True][0].abs().max().item()
     tol = 1e-5 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(xi.grad.float(), grads[True], rtol=tol, atol=tol * scale)
-    assert (grads[True] - grads[False]).abs().max() > 1e-2 * scale, "freeze must matter in this example"
+    torch.testing.assert_close(seen[0].float(), want[True][0], rtol=tol, atol=tol * scale)
+    torch.testing.assert_close(xi.grad.float(), 2 * want[True][0], rtol=tol, atol=2 * tol * scale)
+    assert (want[True][0] - want[False][0]).abs().max() > 1e-2 * scale, "freeze must matter in this example"
+    for got, exact in ((weight.grad, want[False][1]), (None if bias is None else bias.grad, want[False][2])):
+        if exact is not None:
+            assert got.dtype == dtype
+            torch.testing.assert_close(got.float(), exact, rtol=tol, atol=tol * exact.abs().max().item())
 
 
-def test_frozen_norm_correction_recomputes_sigma_with_eps():
-    """Where ε dominates the variance, σ must include it: the correction at ε = 1e-2 differs from ε = 0."""
+def test_frozen_norm_input_grad_uses_eps():
+    """Where ε dominates the variance, σ must include it: checked at ε = 1e-2 and 1e-6."""
     gen = torch.Generator().manual_seed(1)
     x = 0.05 * torch.randn(3, 8, generator=gen)
     g = torch.randn(3, 8, generator=gen)
     for eps in (1e-2, 1e-6):
         xi = x.clone().requires_grad_(True)
-        y, _ = hand_norm(xi, torch.ones(8), None, centered=False, gemma=False, freeze=False, eps=eps)
-        y.backward(g)
-        exact = xi.grad
-        xi = x.clone().requires_grad_(True)
         y, _ = hand_norm(xi, torch.ones(8), None, centered=False, gemma=False, freeze=True, eps=eps)
         y.backward(g)
-        got = exact + rules.frozen_norm_correction(g, x, None, eps, centered=False)
+        got = rules.frozen_norm_input_grad(g, x, None, eps, centered=False)
         torch.testing.assert_close(got, xi.grad, rtol=1e-5, atol=1e-5 * xi.grad.abs().max().item())
 
 
