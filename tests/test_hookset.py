@@ -652,6 +652,22 @@ def test_bridge_norm_with_an_unknown_weight_convention_is_refused():
     GIMHookSet(freeze_norm=False).fwd_hooks(model)  # the way out the message names
 
 
+def test_bridge_norm_whose_eps_is_not_the_declared_one_is_refused():
+    """σ is recomputed in backward with the norm's declared ε: a norm that uses another ε is refused."""
+    model = fresh_model("bridge", "llama")
+    hf_norm = model.blocks[1].ln2.original_component
+    hf_norm.variance_epsilon = 1e-6
+    used = 1e-2  # declares 1e-6, computes with 1e-2
+
+    def forward(x):
+        xf = x.float()
+        return hf_norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + used)).to(x.dtype)
+
+    hf_norm.forward = forward
+    with pytest.raises(GIMModelError, match=r"blocks\.1\.ln2: .*1e-06"):
+        GIMHookSet().fwd_hooks(model)
+
+
 @pytest.mark.parametrize("family", ["gemma2", "llama"])
 def test_bridge_norm_weight_convention_is_found_by_probe(family):
     """Gemma's RMSNorm scales by ``1 + w``, Llama's by ``w``: the probe tells them apart."""
@@ -792,7 +808,7 @@ def test_hooked_models_are_covered_where_available():
 
 
 def test_bridge_norm_freeze_survives_a_second_backward_over_the_same_graph():
-    """backward(retain_graph=True) twice: the norm correction runs (and counts) both times, same gradient."""
+    """backward(retain_graph=True) twice: the norm freeze runs (and counts) both times, same gradient."""
     model = cached_model("bridge", "llama")
     tokens = torch.randint(4, tm.VOCAB, (1, 6), generator=torch.Generator().manual_seed(0))
     gim = GIMHookSet.preset("freeze_norm")

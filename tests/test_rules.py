@@ -203,7 +203,7 @@ def test_freeze_scale_detaches_without_changing_values():
 
 
 # --------------------------------------------------------------------------------------
-# Norm freeze: the correction that turns an exact norm VJP into the frozen one
+# Norm freeze: the backward that replaces an exact norm's by the frozen-statistic one
 # --------------------------------------------------------------------------------------
 
 
