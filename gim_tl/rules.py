@@ -225,6 +225,16 @@ def freeze_scale(scale: Float[Tensor, "batch pos 1"]) -> Float[Tensor, "batch po
     return scale.detach()
 
 
+def centered_inv_sigma(
+    x: Float[Tensor, "batch pos d"], eps: float, *, centered: bool
+) -> tuple[Float[Tensor, "batch pos d"], Float[Tensor, "batch pos 1"]]:
+    """``x − μ`` (μ = 0 for RMSNorm) and ``1/σ`` with ``σ² = mean((x − μ)²) + eps``, in fp32."""
+    xc = x.float()
+    if centered:
+        xc = xc - xc.mean(-1, keepdim=True)
+    return xc, torch.linalg.vecdot(xc, xc).div_(x.shape[-1]).add_(eps).rsqrt_().unsqueeze(-1)
+
+
 def frozen_norm_input_grad(
     grad_out: Float[Tensor, "batch pos d"],
     x: Float[Tensor, "batch pos d"],
@@ -238,14 +248,11 @@ def frozen_norm_input_grad(
     RMSNorm (μ = 0): ``(g ⊙ w)/σ``. ``σ² = mean((x − μ)²) + eps`` is recomputed from ``x``;
     ``weight`` is the effective ``w`` (Gemma's ``1 + w``; None for none). In fp32, returned in x's dtype.
     """
-    xc = x.float()
-    if centered:
-        xc = xc - xc.mean(-1, keepdim=True)
+    _, inv_sigma = centered_inv_sigma(x, eps, centered=centered)
     gw = grad_out.float() if weight is None else grad_out.float() * weight
     if centered:
         gw = gw - gw.mean(-1, keepdim=True)
-    inv_sigma = torch.linalg.vecdot(xc, xc).div_(x.shape[-1]).add_(eps).rsqrt_()
-    return (gw * inv_sigma.unsqueeze(-1)).to(x.dtype)
+    return (gw * inv_sigma).to(x.dtype)
 
 
 def norm_param_grads(
@@ -255,10 +262,8 @@ def norm_param_grads(
 
     The same for Gemma's ``(1 + w)``; σ being frozen or not does not enter them.
     """
-    xc = x.float()
-    if centered:
-        xc = xc - xc.mean(-1, keepdim=True)
-    x_hat = xc * torch.linalg.vecdot(xc, xc).div_(x.shape[-1]).add_(eps).rsqrt_().unsqueeze(-1)
+    xc, inv_sigma = centered_inv_sigma(x, eps, centered=centered)
+    x_hat = xc * inv_sigma
     g = grad_out.float().reshape(-1, x.shape[-1])
     return (g * x_hat.reshape(g.shape)).sum(0), g.sum(0)
 
