@@ -785,7 +785,7 @@ def test_run_with_cache_resid_and_qkv_grads(model_id):
     assert_cached_grads_match(model, cache, record, ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v"))
 
 
-@pytest.mark.parametrize("model_id", [m for m in MODELS if m[0] == "bridge"])
+@pytest.mark.parametrize("model_id", MODELS[: len(tm.BRIDGE_FAMILIES)])
 def test_bridge_norm_hook_in_backward_hooks_see_the_gim_gradient(model_id):
     """The Bridge norm freeze replaces the norm's backward, so the set runs ``hook_in``'s backward hooks
     itself: ``ln_final.hook_in`` (the last residual's only reader) sees the reference's GIM gradient."""
