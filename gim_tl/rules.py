@@ -242,13 +242,15 @@ def frozen_norm_input_grad(
     eps: float,
     *,
     centered: bool,
+    stats: tuple[Tensor, Tensor] | None = None,
 ) -> Float[Tensor, "batch pos d"]:
     """Input gradient of ``y = w ⊙ (x − μ)/σ + b`` with σ a constant: ``(I − 11ᵀ/d)(g ⊙ w)/σ``.
 
-    RMSNorm (μ = 0): ``(g ⊙ w)/σ``. ``σ² = mean((x − μ)²) + eps`` is recomputed from ``x``;
-    ``weight`` is the effective ``w`` (Gemma's ``1 + w``; None for none). In fp32, returned in x's dtype.
+    RMSNorm (μ = 0): ``(g ⊙ w)/σ``. ``σ² = mean((x − μ)²) + eps`` is recomputed from ``x`` unless
+    ``stats`` (:func:`centered_inv_sigma` of ``x``) is given; ``weight`` is the effective ``w``
+    (Gemma's ``1 + w``; None for none). In fp32, returned in x's dtype.
     """
-    _, inv_sigma = centered_inv_sigma(x, eps, centered=centered)
+    _, inv_sigma = stats if stats is not None else centered_inv_sigma(x, eps, centered=centered)
     gw = grad_out.float() if weight is None else grad_out.float() * weight
     if centered:
         gw = gw - gw.mean(-1, keepdim=True)
@@ -256,13 +258,15 @@ def frozen_norm_input_grad(
 
 
 def norm_param_grads(
-    grad_out: Float[Tensor, "batch pos d"], x: Float[Tensor, "batch pos d"], eps: float, *, centered: bool
+    grad_out: Float[Tensor, "batch pos d"], x: Float[Tensor, "batch pos d"], eps: float, *, centered: bool,
+    stats: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Float[Tensor, " d"], Float[Tensor, " d"]]:
     """The exact (fp32) weight and bias gradients of ``y = w ⊙ (x − μ)/σ + b``: ``Σ g ⊙ x̂`` and ``Σ g``.
 
-    The same for Gemma's ``(1 + w)``; σ being frozen or not does not enter them.
+    The same for Gemma's ``(1 + w)``; σ being frozen or not does not enter them. ``stats`` as in
+    :func:`frozen_norm_input_grad`.
     """
-    xc, inv_sigma = centered_inv_sigma(x, eps, centered=centered)
+    xc, inv_sigma = stats if stats is not None else centered_inv_sigma(x, eps, centered=centered)
     x_hat = xc * inv_sigma
     g = grad_out.float().reshape(-1, x.shape[-1])
     return (g * x_hat.reshape(g.shape)).sum(0), g.sum(0)
@@ -290,13 +294,14 @@ class FrozenNorm(torch.autograd.Function):
         weight, bias, weight_offset, eps, centered, map_grad_input = ctx.settings
         _, need_x, need_w, need_b = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = None
+        stats = centered_inv_sigma(x, eps, centered=centered)  # shared by both gradients
         if need_x:
             w = None if weight is None else (weight if weight_offset == 0 else weight + weight_offset).float()
-            grad_x = frozen_norm_input_grad(grad_y, x, w, eps, centered=centered)
+            grad_x = frozen_norm_input_grad(grad_y, x, w, eps, centered=centered, stats=stats)
             if map_grad_input is not None:
                 grad_x = map_grad_input(grad_x)
         if need_w or need_b:
-            gw, gb = norm_param_grads(grad_y, x, eps, centered=centered)
+            gw, gb = norm_param_grads(grad_y, x, eps, centered=centered, stats=stats)
             grad_w = gw.to(weight.dtype) if need_w else None
             grad_b = gb.to(bias.dtype) if need_b else None
         return None, grad_x, grad_w, grad_b, None, None, None, None
