@@ -295,7 +295,8 @@ class GIMHookSet:
             if qk_fired is not None:
                 self._forward[("grad_norm.qk", f"{site}.hook_attn_scores")] += 1
             return rules.apply_tsg(scores, pattern, cfg.temperature, keep_scores=keep_scores,
-                                   use_triton=cfg.use_triton, map_grad_pattern=map_grad_pattern,
+                                   use_triton=cfg.use_triton,
+                                   map_grad_pattern=map_grad_pattern if pattern_hooks else None,
                                    map_grad_scores=map_grad_scores)
 
         return [(f"{site}.hook_attn_scores", save_scores), (f"{site}.hook_pattern", tsg_pattern)]

@@ -6,7 +6,7 @@ Each rule is a few lines that can be checked against ``shared/docs/gim_spec.md``
 * Norm freeze (§2.2): the normalisation statistic (rms or σ) is a constant in backward.
 * Gradient normalization (§2.3): identity forward, a constant factor on the backward gradient.
 
-None of them changes a forward value: each returns a view of its input (or nothing), so a model's
+None of them changes a forward value: each returns its input, a view of it, or nothing, so a model's
 forward pass is bit-identical with and without them. All GIM math runs in fp32.
 """
 
@@ -90,7 +90,7 @@ def fully_masked_rows(scores: Float[Tensor, "... query key"]) -> Bool[Tensor, ".
     row check runs only when some diagonal entry is masked (left padding); it is cheap otherwise.
     """
     if scores.shape[-1] == scores.shape[-2] and scores.numel():
-        if scores.diagonal(dim1=-2, dim2=-1).min() > torch.finfo(scores.dtype).min / 2:
+        if scores.diagonal(dim1=-2, dim2=-1).min().item() > torch.finfo(scores.dtype).min / 2:
             return None
     rows = masked_below(scores).all(-1)
     return rows if rows.any() else None
@@ -170,10 +170,11 @@ def apply_tsg(
 
     ``keep_scores`` recomputes ``A_T`` from the scores instead of the pattern (fp16 patterns).
     """
-    masked_rows = fully_masked_rows(scores.detach())
+    scores_value, pattern_value = scores.detach(), pattern.detach()
+    masked_rows = fully_masked_rows(scores_value)
     row_valid = None if masked_rows is None else ~masked_rows
-    source = scores.detach() if keep_scores else pattern.detach()
-    return TSGSoftmax.apply(scores, pattern.detach(), source, row_valid, float(temperature),
+    source = scores_value if keep_scores else pattern_value
+    return TSGSoftmax.apply(scores, pattern_value, source, row_valid, float(temperature),
                             keep_scores, use_triton, map_grad_pattern, map_grad_scores)
 
 
@@ -182,28 +183,23 @@ def apply_tsg(
 # --------------------------------------------------------------------------------------
 
 
-def map_grad(x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
-    """A view of ``x`` (same values) whose backward gradient ``g`` is replaced by ``fn(g)``.
-
-    A tensor hook on a fresh view rather than an autograd Function: the same effect on this branch
-    only, at about half the per-call cost (a 30-layer model has ~200 such sites per pass).
-    """
-    view = x.view_as(x)
-    view.register_hook(fn)
-    return view
-
-
 def scale_grad(
     x: Tensor, factor: float, on_backward: Callable[[], None] | None = None
 ) -> Tensor:
-    """``x`` unchanged, with its backward gradient multiplied by ``factor`` (q, k: ¼; v, gate, up: ½)."""
+    """``x`` itself, whose backward gradient is multiplied by ``factor`` (q, k: ¼; v, gate, up: ½).
+
+    The gradient hook sits on ``x``, so it scales every use of ``x``: pass a hook point's value,
+    which only the model's next step reads. (A hook on a fresh view would limit it to one branch,
+    at the cost of a view op and a view node per site, ~90 sites a pass on a 30-layer model.)
+    """
 
     def scale(grad: Tensor) -> Tensor:
         if on_backward is not None:
             on_backward()
         return grad * factor
 
-    return map_grad(x, scale)
+    x.register_hook(scale)
+    return x
 
 
 def capture_grad(y: Tensor, store: Callable[[Tensor], None]) -> None:
@@ -251,25 +247,27 @@ def frozen_norm_input_grad(
     (Gemma's ``1 + w``; None for none). In fp32, returned in x's dtype.
     """
     _, inv_sigma = stats if stats is not None else centered_inv_sigma(x, eps, centered=centered)
-    gw = grad_out.float() if weight is None else grad_out.float() * weight
+    grad_x = grad_out.float() * inv_sigma  # a fresh buffer: the rest is in place
+    if weight is not None:
+        grad_x.mul_(weight)
     if centered:
-        gw = gw - gw.mean(-1, keepdim=True)
-    return (gw * inv_sigma).to(x.dtype)
+        grad_x.sub_(grad_x.mean(-1, keepdim=True))
+    return grad_x.to(x.dtype)
 
 
 def norm_param_grads(
     grad_out: Float[Tensor, "batch pos d"], x: Float[Tensor, "batch pos d"], eps: float, *, centered: bool,
-    stats: tuple[Tensor, Tensor] | None = None,
-) -> tuple[Float[Tensor, " d"], Float[Tensor, " d"]]:
+    stats: tuple[Tensor, Tensor] | None = None, need_bias: bool = True,
+) -> tuple[Float[Tensor, " d"], Float[Tensor, " d"] | None]:
     """The exact (fp32) weight and bias gradients of ``y = w ⊙ (x − μ)/σ + b``: ``Σ g ⊙ x̂`` and ``Σ g``.
 
     The same for Gemma's ``(1 + w)``; σ being frozen or not does not enter them. ``stats`` as in
-    :func:`frozen_norm_input_grad`.
+    :func:`frozen_norm_input_grad`; ``need_bias=False`` skips (and returns None for) the bias's.
     """
     xc, inv_sigma = stats if stats is not None else centered_inv_sigma(x, eps, centered=centered)
-    x_hat = xc * inv_sigma
     g = grad_out.float().reshape(-1, x.shape[-1])
-    return (g * x_hat.reshape(g.shape)).sum(0), g.sum(0)
+    grad_w = (g * xc.reshape(g.shape)).mul_(inv_sigma.reshape(-1, 1)).sum(0)
+    return grad_w, (g.sum(0) if need_bias else None)
 
 
 class FrozenNorm(torch.autograd.Function):
@@ -301,7 +299,7 @@ class FrozenNorm(torch.autograd.Function):
             if map_grad_input is not None:
                 grad_x = map_grad_input(grad_x)
         if need_w or need_b:
-            gw, gb = norm_param_grads(grad_y, x, eps, centered=centered, stats=stats)
+            gw, gb = norm_param_grads(grad_y, x, eps, centered=centered, stats=stats, need_bias=need_b)
             grad_w = gw.to(weight.dtype) if need_w else None
             grad_b = gb.to(bias.dtype) if need_b else None
         return None, grad_x, grad_w, grad_b, None, None, None, None

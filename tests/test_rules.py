@@ -279,18 +279,14 @@ def test_frozen_norm_input_grad_uses_eps():
         torch.testing.assert_close(got, xi.grad, rtol=1e-5, atol=1e-5 * xi.grad.abs().max().item())
 
 
-def test_map_grad_touches_only_its_branch_and_capture_grad_reads_the_total():
+def test_scale_grad_scales_every_use_and_capture_grad_reads_the_total():
     x = torch.randn(4, requires_grad=True)
     seen = []
-    extra = torch.randn(4)
-    mapped = rules.map_grad(x, lambda g: 2 * g + extra)
-    assert torch.equal(mapped, x)
-    h = 3 * mapped
-    rules.capture_grad(h, seen.append)
-    g1, g2, g3 = torch.randn(4), torch.randn(4), torch.randn(4)
-    (h * g1 + h * g3).sum().backward(retain_graph=True)
-    assert torch.equal(seen[0], g1 + g3)  # the total over both uses, before anything upstream
-    torch.testing.assert_close(x.grad, 2 * 3 * (g1 + g3) + extra)
-    x.grad = None
-    (h * g1 + x * g2).sum().backward()  # x's own branch is not mapped
-    torch.testing.assert_close(x.grad, 2 * 3 * g1 + extra + g2)
+    h = 3 * x
+    assert rules.scale_grad(h, 0.5) is h
+    rules.capture_grad(h, seen.append)  # registered after the scale: sees the scaled total
+    g1, g2 = torch.randn(4), torch.randn(4)
+    (h * g1 + h.exp() * g2).sum().backward()
+    total = g1 + h.detach().exp() * g2
+    torch.testing.assert_close(seen[0], 0.5 * total)
+    torch.testing.assert_close(x.grad, 3 * 0.5 * total)
