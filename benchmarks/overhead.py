@@ -74,7 +74,8 @@ def fwd_bwd(model, tokens, grad_to: str) -> None:
 
 
 def saved_bytes(model, tokens, grad_to: str) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves for backward during one forward."""
+    """Bytes of the distinct storages autograd saves for backward during one forward, parameters and
+    buffers (e.g. a HookedTransformer's causal-mask tables) left out."""
     storages: dict[int, int] = {}
 
     def pack(t):
@@ -85,8 +86,8 @@ def saved_bytes(model, tokens, grad_to: str) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, _ = forward_loss(model, tokens, grad_to)
     del loss
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for ptr, n in storages.items() if ptr not in params)
+    fixed = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    return sum(n for ptr, n in storages.items() if ptr not in fixed)
 
 
 def rss_mb() -> float:
