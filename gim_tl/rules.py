@@ -221,14 +221,14 @@ def freeze_scale(scale: Float[Tensor, "batch pos 1"]) -> Float[Tensor, "batch po
     return scale.detach()
 
 
-def centered_inv_sigma(
+def norm_stats(
     x: Float[Tensor, "batch pos d"], eps: float, *, centered: bool
-) -> tuple[Float[Tensor, "batch pos d"], Float[Tensor, "batch pos 1"]]:
-    """``x − μ`` (μ = 0 for RMSNorm) and ``1/σ`` with ``σ² = mean((x − μ)²) + eps``, in fp32."""
-    xc = x.float()
-    if centered:
-        xc = xc - xc.mean(-1, keepdim=True)
-    return xc, torch.linalg.vecdot(xc, xc).div_(x.shape[-1]).add_(eps).rsqrt_().unsqueeze(-1)
+) -> tuple[Float[Tensor, "batch pos 1"] | None, Float[Tensor, "batch pos 1"]]:
+    """The mean μ (None for RMSNorm) and ``1/σ`` with ``σ² = mean((x − μ)²) + eps``, in fp32."""
+    xf = x.float()
+    mean = xf.mean(-1, keepdim=True) if centered else None
+    xc = xf if mean is None else xf - mean
+    return mean, torch.linalg.vecdot(xc, xc).div_(x.shape[-1]).add_(eps).rsqrt_().unsqueeze(-1)
 
 
 def frozen_norm_input_grad(
@@ -238,15 +238,15 @@ def frozen_norm_input_grad(
     eps: float,
     *,
     centered: bool,
-    stats: tuple[Tensor, Tensor] | None = None,
+    stats: tuple[Tensor | None, Tensor] | None = None,
 ) -> Float[Tensor, "batch pos d"]:
     """Input gradient of ``y = w ⊙ (x − μ)/σ + b`` with σ a constant: ``(I − 11ᵀ/d)(g ⊙ w)/σ``.
 
     RMSNorm (μ = 0): ``(g ⊙ w)/σ``. ``σ² = mean((x − μ)²) + eps`` is recomputed from ``x`` unless
-    ``stats`` (:func:`centered_inv_sigma` of ``x``) is given; ``weight`` is the effective ``w``
+    ``stats`` (:func:`norm_stats` of ``x``) is given; ``weight`` is the effective ``w``
     (Gemma's ``1 + w``; None for none). In fp32, returned in x's dtype.
     """
-    _, inv_sigma = stats if stats is not None else centered_inv_sigma(x, eps, centered=centered)
+    _, inv_sigma = stats if stats is not None else norm_stats(x, eps, centered=centered)
     grad_x = grad_out.float() * inv_sigma  # a fresh buffer: the rest is in place
     if weight is not None:
         grad_x.mul_(weight)
@@ -257,16 +257,17 @@ def frozen_norm_input_grad(
 
 def norm_param_grads(
     grad_out: Float[Tensor, "batch pos d"], x: Float[Tensor, "batch pos d"], eps: float, *, centered: bool,
-    stats: tuple[Tensor, Tensor] | None = None, need_bias: bool = True,
+    stats: tuple[Tensor | None, Tensor] | None = None, need_bias: bool = True,
 ) -> tuple[Float[Tensor, " d"], Float[Tensor, " d"] | None]:
     """The exact (fp32) weight and bias gradients of ``y = w ⊙ (x − μ)/σ + b``: ``Σ g ⊙ x̂`` and ``Σ g``.
 
     The same for Gemma's ``(1 + w)``; σ being frozen or not does not enter them. ``stats`` as in
     :func:`frozen_norm_input_grad`; ``need_bias=False`` skips (and returns None for) the bias's.
     """
-    xc, inv_sigma = stats if stats is not None else centered_inv_sigma(x, eps, centered=centered)
+    mean, inv_sigma = stats if stats is not None else norm_stats(x, eps, centered=centered)
+    x_hat = (x.float() if mean is None else x.float() - mean) * inv_sigma
     g = grad_out.float().reshape(-1, x.shape[-1])
-    grad_w = (g * xc.reshape(g.shape)).mul_(inv_sigma.reshape(-1, 1)).sum(0)
+    grad_w = (g * x_hat.reshape(g.shape)).sum(0)
     return grad_w, (g.sum(0) if need_bias else None)
 
 
@@ -276,23 +277,25 @@ class FrozenNorm(torch.autograd.Function):
 
     For norms that run a fused kernel whose statistic is not a node in the graph (TransformerBridge
     wraps HF's norm module): a replacement of the norm's backward instead of a change to the module.
-    ``map_grad_input`` runs on the input gradient (the hook set runs the bypassed ``hook_in``'s
-    backward hooks there).
+    The statistics (``[batch, pos, 1]`` each) are computed in forward, right after the norm's own,
+    while ``x`` is still in cache. ``map_grad_input`` runs on the input gradient (the hook set runs
+    the bypassed ``hook_in``'s backward hooks there).
     """
 
     @staticmethod
     def forward(ctx, y, x, weight, bias, weight_offset, eps, centered, map_grad_input):
-        ctx.save_for_backward(x)
+        mean, inv_sigma = norm_stats(x, eps, centered=centered)
+        ctx.save_for_backward(x, mean, inv_sigma)
         ctx.settings = (weight, bias, weight_offset, eps, centered, map_grad_input)
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad_y):
-        (x,) = ctx.saved_tensors
+        x, mean, inv_sigma = ctx.saved_tensors
         weight, bias, weight_offset, eps, centered, map_grad_input = ctx.settings
         _, need_x, need_w, need_b = ctx.needs_input_grad[:4]
         grad_x = grad_w = grad_b = None
-        stats = centered_inv_sigma(x, eps, centered=centered)  # shared by both gradients
+        stats = (mean, inv_sigma)
         if need_x:
             w = None if weight is None else (weight if weight_offset == 0 else weight + weight_offset).float()
             grad_x = frozen_norm_input_grad(grad_y, x, w, eps, centered=centered, stats=stats)
