@@ -91,6 +91,15 @@ def measure(model, tokens, grad_to: str, repeats: int, gim_explain) -> dict:
     return result
 
 
+def table_row(shape: str, grad_to: str, r: dict) -> str:
+    mib = 2**20
+    ratio = {m: f"**{r[m]['ratio']:.3f}×** ({r[m]['q1']:.3f}–{r[m]['q3']:.3f})" for m in ("gim_tl", "gim-explain")}
+    saved = " → ".join(f"{r[m]['saved'] / mib:.0f}" for m in MODES)
+    identical = ", ".join("yes" if r[m]["identical"] else "NO" for m in ("gim_tl", "gim-explain"))
+    return (f"| {shape.replace('x', ' × ')} | {grad_to} | {r['rounds']} | {r['plain']['time']:.3f} "
+            f"| {ratio['gim_tl']} | {ratio['gim-explain']} | {saved} | {identical} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="1x64,8x64,1x512")
@@ -100,31 +109,19 @@ def main() -> None:
     gim_explain = import_gim_explain()
     model = load_model(backend="hooked")
     torch.manual_seed(0)
-    rows = []
+    # The header first and each row as soon as it is measured, so a cut-short run keeps its rows.
+    print(f"SmolLM2-135M-Instruct, HookedTransformer fp32 (TL 3.9), {cpu_model()}, "
+          f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, gim-explain "
+          f"{version('gim-explain')}, {time.strftime('%Y-%m-%d')}\n\n"
+          "| batch × seq | backward into | rounds | plain (s) | gim_tl / plain (IQR) | gim-explain / plain (IQR) "
+          "| saved plain → gim_tl → gim-explain (MiB) | forward bit-identical: gim_tl, gim-explain |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
     for grad_to in args.grad_to.split(","):
         model.requires_grad_(grad_to == "params")
         for shape in args.shapes.split(","):
             batch, seq = map(int, shape.split("x"))
             tokens = torch.randint(100, 49152, (batch, seq))
-            r = measure(model, tokens, grad_to, args.repeats, gim_explain)
-            rows.append((shape, grad_to, r))
-            print(f"{shape} {grad_to} ({r['rounds']} rounds): " + ", ".join(
-                f"{m} {r[m]['time']:.3f}s {r[m]['ratio']:.3f}x" for m in MODES), flush=True)
-    header = (f"SmolLM2-135M-Instruct, HookedTransformer fp32 (TL 3.9), {cpu_model()}, "
-              f"{torch.get_num_threads()} thread(s), torch {torch.__version__}, gim-explain "
-              f"{version('gim-explain')}, {time.strftime('%Y-%m-%d')}\n\n"
-              "| batch × seq | backward into | rounds | plain (s) | gim_tl / plain (IQR) | gim-explain / plain (IQR) "
-              "| saved plain → gim_tl → gim-explain (MiB) | forward bit-identical: gim_tl, gim-explain |\n"
-              "|---|---|---|---|---|---|---|---|\n")
-    mib = 2**20
-    table = header + "".join(
-        f"| {shape.replace('x', ' × ')} | {grad_to} | {r['rounds']} | {r['plain']['time']:.3f} "
-        f"| **{r['gim_tl']['ratio']:.3f}×** ({r['gim_tl']['q1']:.3f}–{r['gim_tl']['q3']:.3f}) "
-        f"| **{r['gim-explain']['ratio']:.3f}×** ({r['gim-explain']['q1']:.3f}–{r['gim-explain']['q3']:.3f}) "
-        f"| {r['plain']['saved'] / mib:.0f} → {r['gim_tl']['saved'] / mib:.0f} → {r['gim-explain']['saved'] / mib:.0f} "
-        f"| {'yes' if r['gim_tl']['identical'] else 'NO'}, {'yes' if r['gim-explain']['identical'] else 'NO'} |\n"
-        for shape, grad_to, r in rows)
-    print("\n" + table)
+            print(table_row(shape, grad_to, measure(model, tokens, grad_to, args.repeats, gim_explain)), flush=True)
 
 
 if __name__ == "__main__":

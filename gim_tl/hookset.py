@@ -1,8 +1,8 @@
 """``GIMHookSet``: TransformerLens forward hooks that make every gradient a GIM gradient.
 
 Every rule is installed by a *forward* hook that places a backward modification on the hooked
-activation (a view with a gradient hook, or TSG's autograd Function, from :mod:`gim_tl.rules`): the
-values are unchanged (the forward pass is bit-identical), only the backward differs. So any
+activation (a gradient hook on it, or an autograd Function: TSG, the Bridge norm freeze; see
+:mod:`gim_tl.rules`): the values are unchanged (the forward pass is bit-identical), only the backward differs. So any
 gradient read afterwards — ``.backward()``, your own backward hooks, ``run_with_cache(incl_bwd=True)``,
 attribution patching, EAP — is the GIM gradient.
 
