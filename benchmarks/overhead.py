@@ -9,11 +9,11 @@ seq 64 and 512, batch 1 and 8, for two backward passes:
 
 For each shape it reports:
 
-* time: plain and GIM runs interleaved (at least ``--repeats`` pairs, and 20 s per mode; which of
-  the two goes first alternates) on one model, GIM's hooks attached with ``add_to`` before a GIM
+* time: plain and GIM runs interleaved (at least ``--repeats`` pairs, and ``--min-seconds`` (20 s)
+  per mode; which of the two goes first alternates) on one model, GIM's hooks attached with ``add_to`` before a GIM
   pass and removed after it, outside the timed region (as in a loop over batches with the hooks
-  attached once); the ratio is the median of the per-pair ratios. Because this VM's noise only ever
-  slows a pass down, the ratio of the two modes' lower quartiles is printed beside it. Attaching the
+  attached once); the ratio is the median of the per-pair ratios. Noise on this VM mostly slows a pass
+  down, so the ratio of the two modes' lower quartiles is printed beside it as a second reading. Attaching the
   hooks (``with gim.attach(model)``) is timed on its own;
 * saved: bytes autograd keeps for backward (distinct storages seen by ``saved_tensors_hooks``),
   the memory that grows with batch × heads × seq² — the exact "no extra [b,h,q,k] per layer" check;

@@ -2,9 +2,9 @@
 
 Every rule is installed by a *forward* hook that places a backward modification on the hooked
 activation (a gradient hook on it, or an autograd Function: TSG, the Bridge norm freeze; see
-:mod:`gim_tl.rules`): the values are unchanged (the forward pass is bit-identical), only the backward differs. So any
-gradient read afterwards — ``.backward()``, your own backward hooks, ``run_with_cache(incl_bwd=True)``,
-attribution patching, EAP — is the GIM gradient.
+:mod:`gim_tl.rules`): the values are unchanged (the forward pass is bit-identical), only the
+backward differs. So any gradient read afterwards — ``.backward()``, your own backward hooks,
+``run_with_cache(incl_bwd=True)``, attribution patching, EAP — is the GIM gradient.
 
 What a backward hook (or the ``*_grad`` entries of ``run_with_cache(incl_bwd=True)``) sees at a
 modified point:
