@@ -15,8 +15,10 @@ For each shape it reports:
   attached once); the ratio is the median of the per-pair ratios. Noise on this VM mostly slows a pass
   down, so the ratio of the two modes' lower quartiles is printed beside it as a second reading. Attaching the
   hooks (``with gim.attach(model)``) is timed on its own;
-* saved: bytes autograd keeps for backward (distinct storages seen by ``saved_tensors_hooks``),
-  the memory that grows with batch × heads × seq² — the exact "no extra [b,h,q,k] per layer" check;
+* saved: bytes autograd keeps for backward at the end of the forward (the distinct storages of the
+  tensors ``saved_tensors_hooks`` saw that are still alive then), the memory that grows with
+  batch × heads × seq² — the exact "no extra [b,h,q,k] per layer" check (``--saved-only`` prints just
+  this, one forward per mode and shape);
 * peak: peak RSS of a fresh process running one forward+backward, minus its RSS before it
   (each mode in its own subprocess, since ru_maxrss never goes down).
 
@@ -27,7 +29,7 @@ processes keep glibc's default allocator (the threshold makes every large alloca
 pages and slowed plain forward+backward by about 35%, which is not how anyone runs a model).
 
 Usage: ``python benchmarks/overhead.py [--repeats 5] [--min-seconds 20] [--shapes 1x64,8x64,1x512,8x512]
-[--threads N] [--out FILE]``.
+[--threads N] [--out FILE] [--saved-only]``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -76,20 +79,24 @@ def fwd_bwd(model, tokens, grad_to: str) -> None:
 
 
 def saved_bytes(model, tokens, grad_to: str) -> int:
-    """Bytes of the distinct storages autograd saves for backward during one forward, parameters and
-    buffers (e.g. a HookedTransformer's causal-mask tables) left out."""
-    storages: dict[int, int] = {}
+    """Bytes of the distinct storages autograd holds for backward at the end of one forward, parameters
+    and buffers (e.g. a HookedTransformer's causal-mask tables) left out.
+
+    Tensors saved by a graph that was freed during the forward (e.g. an HF norm's, which the Bridge
+    norm freeze drops) are not counted: only those still alive when the forward returns.
+    """
+    saved: list[weakref.ref] = []
 
     def pack(t):
-        s = t.untyped_storage()
-        storages[s.data_ptr()] = s.nbytes()
+        saved.append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, _ = forward_loss(model, tokens, grad_to)
-    del loss
     fixed = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    return sum(n for ptr, n in storages.items() if ptr not in fixed)
+    live = {s.data_ptr(): s.nbytes() for s in (r().untyped_storage() for r in saved if r() is not None)}
+    del loss
+    return sum(n for ptr, n in live.items() if ptr not in fixed)
 
 
 def rss_mb() -> float:
@@ -119,6 +126,11 @@ def child(task: str, shape: str, grad_to: str, mode: str, repeats: int) -> dict:
     batch, seq = map(int, shape.split("x"))
     torch.manual_seed(0)
     tokens = torch.randint(100, 49152, (batch, seq))
+    if task == "saved":
+        model = load(grad_to, None)
+        plain = saved_bytes(model, tokens, grad_to)
+        with GIMHookSet().attach(model):
+            return {"saved_plain": plain, "saved_gim": saved_bytes(model, tokens, grad_to)}
     if task == "peak":
         model = load(grad_to, GIMHookSet() if mode == "gim" else None)
         fwd_bwd(model, tokens[:, :8], grad_to)  # warm-up at a tiny size
@@ -190,6 +202,7 @@ def main() -> None:
                         help=f"time each mode at least this long per shape (default {MIN_SECONDS:.0f})")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=None, help="append the markdown table to this file")
+    parser.add_argument("--saved-only", action="store_true", help="measure only the bytes saved for backward")
     parser.add_argument("--child", nargs=5, metavar=("TASK", "SHAPE", "GRAD_TO", "MODE", "REPEATS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -202,6 +215,14 @@ def main() -> None:
     if args.child:
         task, shape, grad_to, mode, repeats = args.child
         print(json.dumps(child(task, shape, grad_to, mode, int(repeats))))
+        return
+    if args.saved_only:
+        print("| batch × seq | backward into | saved for backward plain → GIM (MiB) | saved ratio |\n|---|---|---|---|")
+        for shape in args.shapes.split(","):
+            for grad_to in args.grad_to.split(","):
+                r = run_child("saved", shape, grad_to, "both", 1)
+                print(f"| {shape.replace('x', ' × ')} | {grad_to} | {r['saved_plain'] / 2**20:.0f} → "
+                      f"{r['saved_gim'] / 2**20:.0f} | **{r['saved_gim'] / r['saved_plain']:.3f}×** |", flush=True)
         return
 
     rows = []
