@@ -12,6 +12,8 @@ from typing import Literal
 
 import torch
 
+from gim_tl.rules import norm_stats
+
 
 class GIMModelError(ValueError):
     """The model's hook points cannot carry a GIM rule."""
@@ -112,9 +114,8 @@ def _norm_convention(prefix: str, hf_norm: torch.nn.Module, centered: bool, d_mo
     probe = probe.to(device, dtype)
     with torch.no_grad():
         got = hf_norm(probe).float()
-        x = probe.float()
-        x = x - x.mean(-1, keepdim=True) if centered else x
-        normed = x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        mean, inv_sigma = norm_stats(probe, eps, centered=centered)  # the statistic FrozenNorm will use
+        normed = (probe.float() if mean is None else probe.float() - mean) * inv_sigma
         if bias is not None:
             got = got - bias.float()
         tol = 1e-4 if dtype == torch.float32 else 2e-2
