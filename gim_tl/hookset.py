@@ -1,7 +1,8 @@
 """``GIMHookSet``: TransformerLens forward hooks that make every gradient a GIM gradient.
 
 Every rule is installed by a *forward* hook that places a backward modification on the hooked
-activation (a gradient hook on it, or an autograd Function: TSG, the Bridge norm freeze; see
+activation (a gradient hook on it; an autograd Function: TSG, the Bridge freeze of a fused norm; or a
+pre-hook that drops the gradient of the node where a Bridge norm computes its statistic; see
 :mod:`gim_tl.rules`): the values are unchanged (the forward pass is bit-identical), only the
 backward differs. So any gradient read afterwards — ``.backward()``, your own backward hooks,
 ``run_with_cache(incl_bwd=True)``, attribution patching, EAP — is the GIM gradient.
@@ -23,8 +24,9 @@ hook point                    gradient seen there
 ``mlp.hook_pre/_pre_linear``  the gradient *before* the ½ factor (gated MLPs only)
 ``*.hook_scale``,             HookedTransformer: none at hook_scale (detached), the GIM
 ``*.hook_normalized``         gradient at hook_normalized. TransformerBridge: none at either
-                              (side values of the norm, whose backward GIM replaces)
-``ln*.hook_in`` (Bridge)      the norm branch's GIM (frozen-statistic) gradient; the set runs
+                              (side values of the norm; GIM freezes the statistic of HF's own)
+``ln*.hook_in`` (Bridge)      the norm branch's GIM (frozen-statistic) gradient. Where the set
+                              replaces the norm's backward (a fused LayerNorm kernel) it runs
                               this point's backward hooks itself, as for TSG (TL aliases
                               ``hook_resid_mid`` to ``ln2.hook_in`` on bridges: that is the MLP
                               branch only; read ``hook_resid_pre/post`` for residual gradients)
@@ -33,8 +35,8 @@ every other point             the GIM gradient (resid, z, result, mlp_out, embed
 
 A backward hook that *returns* a tensor at v/gate/up replaces what GIM sends upstream there
 (TL's last-returned-wins rule); read-only hooks are safe everywhere. TSG bypasses the model's own
-softmax node (and the Bridge norm freeze its norm's backward), so the set runs the backward hooks
-bound (at forward time, as PyTorch does) to ``hook_pattern``, ``hook_attn_scores`` and a Bridge
+softmax node (and the Bridge norm freeze of a fused norm its backward), so the set runs the backward hooks
+bound (at forward time, as PyTorch does) to ``hook_pattern``, ``hook_attn_scores`` and such a Bridge
 norm's ``hook_in`` itself, in the same order and with the same semantics.
 """
 
@@ -342,7 +344,8 @@ class GIMHookSet:
 
             return [(f"{site}.hook_scale", detach_scale), (f"{site}.hook_normalized", count_backward)]
 
-        # "replace": the norm runs HF's kernel; a Function at its output replaces its backward.
+        # Bridge: the norm runs HF's module. "cut": its statistic's node gets no gradient. "replace" (a fused
+        # kernel, or a graph unlike the probe's): a Function at its output replaces its whole backward.
         in_point = layout.hook_points[f"{site}.hook_in"]
         pending: dict = {}
 
@@ -354,12 +357,17 @@ class GIMHookSet:
             x, in_hooks = pending.pop("x", None), pending.pop("hooks", [])
             if x is None or not y.requires_grad:
                 return None
+            self._forward[("freeze_norm", site)] += 1
+            if norm.strategy == "cut":
+                node = rules.graph_node(y.grad_fn, norm.cut_path, norm.cut_names)
+                if node is not None:
+                    rules.drop_gradient(node, fired)
+                    return None
 
             def map_grad_input(grad):  # the norm's own backward is bypassed: run hook_in's hooks here
                 fired()
                 return run_backward_hooks(in_point, in_hooks, grad) if in_hooks else grad
 
-            self._forward[("freeze_norm", site)] += 1
             return rules.apply_norm_freeze(y, x, norm.weight, norm.bias, weight_offset=norm.weight_offset,
                                            eps=norm.eps, centered=norm.centered, map_grad_input=map_grad_input)
 

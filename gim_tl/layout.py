@@ -7,12 +7,14 @@ models. Anything GIM cannot use raises :class:`GIMModelError` naming what is mis
 from __future__ import annotations
 
 import weakref
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from gim_tl.rules import norm_stats
+from gim_tl.rules import drop_gradient, frozen_norm_input_grad, norm_stats
 
 
 class GIMModelError(ValueError):
@@ -28,18 +30,24 @@ class NormSite:
 
     ``strategy`` says how the statistic is frozen:
     * ``"detach"``: ``hook_scale`` is in the graph (HookedTransformer): detach it in forward.
-    * ``"replace"``: the norm may run HF's own kernel, whose ``hook_scale`` is a side value
-      (TransformerBridge): ``rules.apply_norm_freeze`` at ``hook_out`` replaces the norm's backward;
-      it needs ``centered``, ``eps``, the parameters and ``weight_offset`` (Gemma's ``1 + w``: 1).
+    * ``"cut"``: TransformerBridge over an HF norm written in PyTorch ops (Llama's, Gemma's RMSNorm):
+      the node that computes its statistic, ``cut_path`` (``next_functions`` indices from the output's
+      node, through nodes named ``cut_names``), gets no gradient (``rules.drop_gradient``).
+    * ``"replace"``: TransformerBridge over a fused norm kernel (``nn.LayerNorm``), whose statistic is no
+      node of the graph: ``rules.apply_norm_freeze`` at ``hook_out`` replaces the norm's backward; it
+      needs ``centered``, ``eps``, the parameters and ``weight_offset`` (Gemma's ``1 + w``: 1). A
+      ``"cut"`` site whose graph turns out unlike the probe's falls back to it.
     """
 
     prefix: str
-    strategy: Literal["detach", "replace"]
+    strategy: Literal["detach", "cut", "replace"]
     centered: bool = False
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     weight_offset: float = 0.0
     eps: float = 1e-5
+    cut_path: tuple[int, ...] = ()
+    cut_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,77 @@ def _norm_convention(prefix: str, hf_norm: torch.nn.Module, centered: bool, d_mo
         "statistic. Pass freeze_norm=False, or use a HookedTransformer (TL 3.9) conversion of the model.")
 
 
+#: Per HF norm module and (dtype, device): where its graph computes the statistic (None: nowhere).
+_STATISTIC_NODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _graph_nodes(root, limit: int = 64) -> Iterator[tuple[tuple[int, ...], tuple[str, ...], object]]:
+    """The nodes below ``root`` (parameters' and inputs' accumulators left out), nearest first, each with
+    its ``next_functions`` path and the names of the nodes on it; at most ``limit``."""
+    queue = deque([((), (), root)])
+    seen = {root}
+    while queue and len(seen) <= limit:
+        path, names, node = queue.popleft()
+        for index, (child, _) in enumerate(node.next_functions):
+            if child is None or child in seen or not child.next_functions:
+                continue
+            seen.add(child)
+            entry = (path + (index,), names + (child.name(),), child)
+            yield entry
+            queue.append(entry)
+
+
+def _statistic_node(
+    hf_norm: torch.nn.Module, centered: bool, offset: float, eps: float, d_model: int
+) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
+    """Where ``hf_norm``'s autograd graph computes its statistic, as ``(path, names)`` for
+    :func:`rules.graph_node` from the output's node; None for a fused kernel (no such node).
+
+    Found on a probe by dropping the gradient of each node of the norm's graph in turn, nearest the
+    output first: the statistic's node is the first whose cut leaves exactly the frozen-statistic input
+    gradient (:func:`rules.frozen_norm_input_grad`, the formula ``FrozenNorm`` uses). The probe's output
+    gradient is aligned with ``x``, where the statistic's share of the plain gradient is as large as the
+    rest, so a cut elsewhere cannot pass for it.
+    """
+    weight = getattr(hf_norm, "weight", None)
+    ref = weight if weight is not None else next(hf_norm.parameters(), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None else torch.float32
+    found = _STATISTIC_NODES.setdefault(hf_norm, {})
+    if (dtype, device) in found:
+        return found[(dtype, device)]
+    probe = torch.randn(2, d_model, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    x = probe.requires_grad_(True)
+    with torch.enable_grad():
+        y = hf_norm(x)
+    if y.grad_fn is None:  # no graph here (inference mode): "replace" works without one, and is not cached
+        return None
+    w = None if weight is None else weight.detach().float() + offset
+    xc = probe.detach().float()
+    xc = xc - xc.mean(-1, keepdim=True) if centered else xc
+    grad_y = (xc if w is None else xc * w).to(y.dtype)
+    want = frozen_norm_input_grad(grad_y, probe.detach(), w, eps, centered=centered).float()
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    scale = want.abs().max()
+
+    def matches(grad: torch.Tensor | None) -> bool:
+        return grad is not None and bool(((grad.float() - want).abs() <= tol * scale).all())
+
+    result = None
+    if not matches(torch.autograd.grad(y, x, grad_y, retain_graph=True)[0]):
+        for path, names, node in _graph_nodes(y.grad_fn):
+            handle = drop_gradient(node)
+            try:
+                grad = torch.autograd.grad(y, x, grad_y, retain_graph=True, allow_unused=True)[0]
+            finally:
+                handle.remove()
+            if matches(grad):
+                result = (path, names)
+                break
+    found[(dtype, device)] = result
+    return result
+
+
 def _bridge_norm(model, hook_points: dict, prefix: str) -> NormSite:
     _require(model, hook_points, [f"{prefix}.hook_in", f"{prefix}.hook_out"], f"the norm freeze at {prefix}")
     module = model.get_submodule(prefix)
@@ -139,8 +218,10 @@ def _bridge_norm(model, hook_points: dict, prefix: str) -> NormSite:
         raise GIMModelError(f"{prefix} has no HF norm module behind it; GIM cannot freeze its statistic. "
                             "Pass freeze_norm=False.")
     offset, eps = _norm_convention(prefix, hf_norm, centered, int(model.cfg.d_model))
-    return NormSite(prefix, "replace", centered=centered, weight=getattr(hf_norm, "weight", None),
-                    bias=getattr(hf_norm, "bias", None), weight_offset=offset, eps=eps)
+    cut = _statistic_node(hf_norm, centered, offset, eps, int(model.cfg.d_model))
+    return NormSite(prefix, "replace" if cut is None else "cut", centered=centered,
+                    weight=getattr(hf_norm, "weight", None), bias=getattr(hf_norm, "bias", None),
+                    weight_offset=offset, eps=eps, cut_path=cut[0] if cut else (), cut_names=cut[1] if cut else ())
 
 
 def discover(model, *, norms: bool = True) -> ModelLayout:

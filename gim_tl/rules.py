@@ -326,3 +326,35 @@ def apply_norm_freeze(
     """
     return FrozenNorm.apply(y.detach(), x, weight, bias, float(weight_offset), float(eps), centered,
                             map_grad_input)
+
+
+# Norm freeze where the statistic is a node of the norm's graph (HF's Python RMSNorms): cut it there.
+
+
+def graph_node(root, path: tuple[int, ...], names: tuple[str, ...]):
+    """The autograd node reached from ``root`` by the ``next_functions`` indices ``path``, or None
+    unless every node passed on the way has the name in ``names`` (a graph unlike the one expected)."""
+    node = root
+    for index, name in zip(path, names, strict=True):
+        edges = node.next_functions
+        node = edges[index][0] if index < len(edges) else None
+        if node is None or node.name() != name:
+            return None
+    return node
+
+
+def drop_gradient(node, on_backward: Callable[[], None] | None = None):
+    """Give autograd ``node`` no gradient: the branch it starts is a constant in backward, as if its
+    output had been detached in forward, and its nodes receive nothing to compute.
+
+    On the node where a norm's graph computes its statistic (found by ``layout``), this is the norm
+    freeze, with the norm's own backward running for everything else (weight and bias gradients too).
+    Returns the hook's handle (``.remove()`` undoes it).
+    """
+
+    def drop(grad_outputs: tuple[Tensor, ...]) -> tuple[None, ...]:
+        if on_backward is not None:
+            on_backward()
+        return tuple(None for _ in grad_outputs)
+
+    return node.register_prehook(drop)

@@ -677,6 +677,74 @@ def test_bridge_norm_weight_convention_is_found_by_probe(family):
     assert offsets == ({1.0} if family == "gemma2" else {0.0})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("family", tm.BRIDGE_FAMILIES)
+def test_bridge_norm_statistic_node_is_found_by_probe(family, dtype):
+    """HF's RMSNorms written in PyTorch ops (Llama, Qwen2, Gemma2) are frozen by cutting their
+    statistic's node, ``rsqrt(var + ε)``; GPT-2's fused LayerNorm has none: its backward is replaced."""
+    from gim_tl.layout import discover
+
+    model = cached_model("bridge", family) if dtype == torch.float32 else tm.bridge(family, dtype=dtype)
+    norms = discover(model).norms
+    if family == "gpt2":
+        assert {(n.strategy, n.cut_path) for n in norms} == {("replace", ())}
+    else:
+        assert {(n.strategy, n.cut_names[-1]) for n in norms} == {("cut", "RsqrtBackward0")}
+
+
+def bridge_norms_forced_to(strategy: str, monkeypatch) -> list:
+    """Make the hook set see every Bridge norm as ``strategy`` ("replace"; "stale": a cut site whose
+    recorded graph no longer matches the model's); returns the list ``apply_norm_freeze`` calls land in."""
+    import dataclasses
+
+    import gim_tl.hookset as hookset
+
+    discover = hookset.discover
+
+    def forced(model, **kwargs):
+        layout = discover(model, **kwargs)
+        change = {"replace": dict(strategy="replace"), "stale": dict(cut_names=("NoSuchBackward0",) * 2)}[strategy]
+        return dataclasses.replace(layout, norms=tuple(dataclasses.replace(n, **change) for n in layout.norms))
+
+    replaced = []
+    apply_norm_freeze = hookset.rules.apply_norm_freeze
+
+    def counted(*args, **kwargs):
+        replaced.append(1)
+        return apply_norm_freeze(*args, **kwargs)
+
+    monkeypatch.setattr(hookset, "discover", forced)
+    monkeypatch.setattr(hookset.rules, "apply_norm_freeze", counted)
+    return replaced
+
+
+@pytest.mark.parametrize("strategy", ["cut", "replace", "stale"])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_bridge_norm_freeze_strategies_give_the_reference_gradient(family, strategy, monkeypatch):
+    """Cutting the statistic's node, replacing the norm's backward, and a cut site whose graph is not
+    the probe's (it falls back to replacing) all give the reference's frozen-norm input gradient, and
+    a backward hook on ``ln_final.hook_in`` sees the reference's GIM gradient there (PyTorch runs it
+    at a cut site; the set runs it where the norm's backward is replaced)."""
+    replaced = [] if strategy == "cut" else bridge_norms_forced_to(strategy, monkeypatch)
+    model = cached_model("bridge", family)
+    tokens = tokens_for_test()
+    seen = {}
+
+    def keep(grad, hook):
+        seen["ln_final.hook_in"] = grad.detach().clone()
+
+    for rule in ("freeze_norm", "gim"):
+        gim = GIMHookSet.preset(rule)
+        _, got, _ = run(model, tokens, gim, bwd_hooks=[("ln_final.hook_in", keep)])
+        gim.verify()
+        _, want, record = ref.input_grad(reference_arch("bridge", family, model), tokens, ref.Rules.named(rule),
+                                         direction_for_test((BATCH, SEQ, tm.VOCAB)))
+        assert max_rel_err(got, want) <= REF_RTOL, rule
+        assert max_rel_err(seen["ln_final.hook_in"], record["ln_final.hook_in"].grad) <= REF_RTOL, rule
+    n_norms = 2 * model.cfg.n_layers + 1 + (2 * model.cfg.n_layers if family == "gemma2" else 0)
+    assert len(replaced) == (0 if strategy == "cut" else 2 * n_norms)
+
+
 @pytest.mark.parametrize("model_id", [MODELS[0], MODELS[len(tm.BRIDGE_FAMILIES)]])
 def test_softmax_in_user_metric_is_untouched(model_id):
     """GIM changes attention softmaxes only: a metric's own (log-)softmax keeps its exact gradient."""
@@ -787,8 +855,10 @@ def test_run_with_cache_resid_and_qkv_grads(model_id):
 
 @pytest.mark.parametrize("model_id", MODELS[: len(tm.BRIDGE_FAMILIES)])
 def test_bridge_norm_hook_in_backward_hooks_see_the_gim_gradient(model_id):
-    """The Bridge norm freeze replaces the norm's backward, so the set runs ``hook_in``'s backward hooks
-    itself: ``ln_final.hook_in`` (the last residual's only reader) sees the reference's GIM gradient."""
+    """``ln_final.hook_in`` (the last residual's only reader) sees the reference's GIM gradient in
+    ``run_with_cache``, whose caching hooks on ``hook_scale`` switch the bridge's norms to TL's Python path:
+    there the hook set replaces the norm's backward (the graph is not the probe's) and runs ``hook_in``'s
+    backward hooks itself."""
     model, cache, record = cache_and_reference(model_id)
     got, want = cache["ln_final.hook_in_grad"], record["ln_final.hook_in"].grad
     assert got.shape == want.shape and max_rel_err(got, want) <= REF_RTOL

@@ -203,7 +203,8 @@ def test_freeze_scale_detaches_without_changing_values():
 
 
 # --------------------------------------------------------------------------------------
-# Norm freeze: the backward that replaces an exact norm's by the frozen-statistic one
+# Norm freeze: the backward that replaces an exact norm's by the frozen-statistic one, or a cut
+# of the statistic's node
 # --------------------------------------------------------------------------------------
 
 
@@ -264,6 +265,52 @@ def test_norm_freeze_replaces_the_backward_by_the_frozen_one(kind, dtype):
         if exact is not None:
             assert got.dtype == dtype
             torch.testing.assert_close(got.float(), exact, rtol=tol, atol=tol * exact.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", NORMS)
+def test_dropping_the_statistic_nodes_gradient_is_detaching_it(kind):
+    """``drop_gradient`` on the node that computes σ: input gradient as with σ detached in forward, weight
+    and bias gradients the exact ones; the callback runs once per backward; removing the hook restores plain."""
+    gen = torch.Generator().manual_seed(6)
+    x = 3 * torch.randn(2, 4, 16, generator=gen) + 0.5
+    weight, bias = torch.randn(16, generator=gen), torch.randn(16, generator=gen) if kind["bias"] else None
+    g = torch.randn(2, 4, 16, generator=gen)
+
+    def grads(freeze: bool, cut: bool):
+        xi = x.clone().requires_grad_(True)
+        params = [p.clone().requires_grad_(True) for p in (weight, bias) if p is not None]
+        y, sigma = hand_norm(xi, params[0], params[1] if len(params) > 1 else None, centered=kind["centered"],
+                             gemma=kind["gemma"], freeze=freeze)
+        calls = []
+        handle = rules.drop_gradient(sigma.grad_fn, lambda: calls.append(1)) if cut else None
+        y.backward(g)
+        return [xi.grad] + [p.grad for p in params], calls, handle
+
+    (got, calls, handle), (frozen, _, _), (plain, _, _) = grads(False, True), grads(True, False), grads(False, False)
+    assert calls == [1] and handle is not None
+    torch.testing.assert_close(got[0], frozen[0], rtol=1e-6, atol=1e-6)
+    assert (frozen[0] - plain[0]).abs().max() > 1e-2, "freeze must matter in this example"
+    for a, b in zip(got[1:], plain[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+    xi = x.clone().requires_grad_(True)
+    y, sigma = hand_norm(xi, weight, bias, centered=kind["centered"], gemma=kind["gemma"], freeze=False)
+    rules.drop_gradient(sigma.grad_fn).remove()
+    y.backward(g)
+    torch.testing.assert_close(xi.grad, plain[0], rtol=0, atol=0)
+
+
+def test_graph_node_follows_the_path_only_through_the_named_nodes():
+    """``graph_node`` walks ``next_functions`` indices, and answers None where a name or an index does not fit."""
+    x = torch.randn(3, requires_grad=True)
+    scaled = x * 2
+    y = scaled.exp() + x.sin()
+    assert rules.graph_node(y.grad_fn, (0, 0), ("ExpBackward0", "MulBackward0")) is scaled.grad_fn
+    assert rules.graph_node(y.grad_fn, (), ()) is y.grad_fn
+    assert rules.graph_node(y.grad_fn, (1,), ("ExpBackward0",)) is None  # index 1 is sin's node
+    assert rules.graph_node(y.grad_fn, (0, 5), ("ExpBackward0", "MulBackward0")) is None
+    leaf = rules.graph_node(y.grad_fn, (0, 0, 0), ("ExpBackward0", "MulBackward0", "torch::autograd::AccumulateGrad"))
+    assert leaf is not None and leaf.variable is x
 
 
 def test_frozen_norm_input_grad_uses_eps():
