@@ -177,17 +177,16 @@ def _statistic_node(
     found = _STATISTIC_NODES.setdefault(hf_norm, {})
     if (dtype, device) in found:
         return found[(dtype, device)]
-    probe = torch.randn(2, d_model, generator=torch.Generator().manual_seed(1)).to(device, dtype)
-    x = probe.requires_grad_(True)
+    x = torch.randn(2, d_model, generator=torch.Generator().manual_seed(1)).to(device, dtype).requires_grad_(True)
     with torch.enable_grad():
         y = hf_norm(x)
     if y.grad_fn is None:  # no graph here (inference mode): "replace" works without one, and is not cached
         return None
     w = None if weight is None else weight.detach().float() + offset
-    xc = probe.detach().float()
+    xc = x.detach().float()
     xc = xc - xc.mean(-1, keepdim=True) if centered else xc
     grad_y = (xc if w is None else xc * w).to(y.dtype)
-    want = frozen_norm_input_grad(grad_y, probe.detach(), w, eps, centered=centered).float()
+    want = frozen_norm_input_grad(grad_y, x.detach(), w, eps, centered=centered).float()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     scale = want.abs().max()
 

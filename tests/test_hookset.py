@@ -692,6 +692,17 @@ def test_bridge_norm_statistic_node_is_found_by_probe(family, dtype):
         assert {(n.strategy, n.cut_names[-1]) for n in norms} == {("cut", "RsqrtBackward0")}
 
 
+def test_bridge_norm_probe_in_inference_mode_is_not_kept():
+    """Under ``torch.inference_mode`` the probe has no graph to cut: those norms are set to "replace"
+    for that call only, and the next call outside it finds the statistic's node."""
+    from gim_tl.layout import discover
+
+    model = fresh_model("bridge", "llama")
+    with torch.inference_mode():
+        assert {n.strategy for n in discover(model).norms} == {"replace"}
+    assert {n.strategy for n in discover(model).norms} == {"cut"}
+
+
 def bridge_norms_forced_to(strategy: str, monkeypatch) -> list:
     """Make the hook set see every Bridge norm as ``strategy`` ("replace"; "stale": a cut site whose
     recorded graph no longer matches the model's); returns the list ``apply_norm_freeze`` calls land in."""
