@@ -29,7 +29,8 @@ processes keep glibc's default allocator (the threshold makes every large alloca
 pages and slowed plain forward+backward by about 35%, which is not how anyone runs a model).
 
 Usage: ``python benchmarks/overhead.py [--repeats 5] [--min-seconds 20] [--shapes 1x64,8x64,1x512,8x512]
-[--threads N] [--out FILE] [--saved-only]``.
+[--threads N] [--out FILE] [--saved-only] [--preset NAME]``; ``--preset`` times one of the ablation
+presets (e.g. ``freeze_norm``: one rule's cost) in place of full GIM.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def saved_bytes(model, tokens, grad_to: str) -> int:
     """Bytes of the distinct storages autograd holds for backward at the end of one forward, parameters
     and buffers (e.g. a HookedTransformer's causal-mask tables) left out.
 
-    Tensors saved by a graph that was freed during the forward (e.g. an HF norm's, which the Bridge
-    norm freeze drops) are not counted: only those still alive when the forward returns.
+    Tensors saved by a graph that was freed during the forward (e.g. a fused LayerNorm's, whose
+    backward the Bridge norm freeze replaces) are not counted: only those still alive when the forward returns.
     """
     saved: list[weakref.ref] = []
 
@@ -109,6 +110,12 @@ def rss_mb() -> float:
 
 #: Small shapes repeat pairs until each mode has run this long (the big ones stop at ``--repeats``).
 MIN_SECONDS = float(os.environ.get("GIM_BENCH_MIN_SECONDS", "20"))
+#: The hook set timed against plain: full GIM unless ``--preset`` names an ablation (one rule's cost).
+PRESET = os.environ.get("GIM_BENCH_PRESET", "gim")
+
+
+def hook_set() -> GIMHookSet:
+    return GIMHookSet.preset(PRESET)
 
 
 def load(grad_to: str, gim: GIMHookSet | None):
@@ -129,10 +136,10 @@ def child(task: str, shape: str, grad_to: str, mode: str, repeats: int) -> dict:
     if task == "saved":
         model = load(grad_to, None)
         plain = saved_bytes(model, tokens, grad_to)
-        with GIMHookSet().attach(model):
+        with hook_set().attach(model):
             return {"saved_plain": plain, "saved_gim": saved_bytes(model, tokens, grad_to)}
     if task == "peak":
-        model = load(grad_to, GIMHookSet() if mode == "gim" else None)
+        model = load(grad_to, hook_set() if mode == "gim" else None)
         fwd_bwd(model, tokens[:, :8], grad_to)  # warm-up at a tiny size
         before = rss_mb()
         fwd_bwd(model, tokens, grad_to)
@@ -140,7 +147,7 @@ def child(task: str, shape: str, grad_to: str, mode: str, repeats: int) -> dict:
 
     # One model, GIM's hooks attached (add_to) before each GIM pass and removed after it, outside the
     # timed region: two copies of the model differ by a few ms per pass from memory layout alone.
-    gim = GIMHookSet()
+    gim = hook_set()
     model = load(grad_to, None)
 
     def timed_pass(name: str) -> float:
@@ -165,7 +172,7 @@ def child(task: str, shape: str, grad_to: str, mode: str, repeats: int) -> dict:
     attach = []
     for _ in range(20):
         t0 = time.perf_counter()
-        with GIMHookSet().attach(model):
+        with hook_set().attach(model):
             pass
         attach.append(time.perf_counter() - t0)
     ratios = [g / p for g, p in zip(times["gim"], times["plain"], strict=True)]
@@ -198,6 +205,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", default="1x64,8x64,1x512,8x512")
     parser.add_argument("--grad-to", default="params,inputs", help="backward passes to time: params, inputs")
+    parser.add_argument("--preset", default=PRESET, help="hook set to time against plain (default: gim, full GIM)")
     parser.add_argument("--min-seconds", type=float, default=None,
                         help=f"time each mode at least this long per shape (default {MIN_SECONDS:.0f})")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -206,6 +214,8 @@ def main() -> None:
     parser.add_argument("--child", nargs=5, metavar=("TASK", "SHAPE", "GRAD_TO", "MODE", "REPEATS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.preset != "gim":
+        os.environ["GIM_BENCH_PRESET"] = args.preset  # read by the subprocesses
     if args.min_seconds:
         os.environ["GIM_BENCH_MIN_SECONDS"] = str(args.min_seconds)  # read by the subprocesses
     min_seconds = args.min_seconds or MIN_SECONDS
@@ -240,7 +250,8 @@ def main() -> None:
 
     threads = args.threads or torch.get_num_threads()
     header = (f"SmolLM2-135M-Instruct, TransformerBridge fp32, {cpu_model()}, {threads} thread(s), "
-              f"torch {torch.__version__}, ≥ {args.repeats} interleaved pairs (≥ {min_seconds:.0f} s per mode), "
+              f"torch {torch.__version__}, preset {args.preset!r} vs plain, "
+              f"≥ {args.repeats} interleaved pairs (≥ {min_seconds:.0f} s per mode), "
               f"{time.strftime('%Y-%m-%d')}\n\n"
               "| batch × seq | backward into | pairs | plain fwd+bwd (s) | GIM fwd+bwd (s) | time ratio (range) "
               "| lower-quartile ratio "
