@@ -97,6 +97,13 @@ def _require(model, hook_points: dict, names: list[str], why: str) -> None:
         )
 
 
+def _placement(hf_norm: torch.nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype a probe of ``hf_norm`` runs in: its weight's (fp32 on CPU without parameters)."""
+    weight = getattr(hf_norm, "weight", None)
+    ref = weight if weight is not None else next(hf_norm.parameters(), None)
+    return (ref.device, ref.dtype) if ref is not None else (torch.device("cpu"), torch.float32)
+
+
 #: The convention found for each HF norm module (it cannot change without a new module).
 _CONVENTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -114,9 +121,7 @@ def _norm_convention(prefix: str, hf_norm: torch.nn.Module, centered: bool, d_mo
     bias = getattr(hf_norm, "bias", None)
     eps = getattr(hf_norm, "variance_epsilon", None) or getattr(hf_norm, "eps", None) or 1e-5
     eps = float(eps)
-    ref = weight if weight is not None else next(hf_norm.parameters(), None)
-    device = ref.device if ref is not None else "cpu"
-    dtype = ref.dtype if ref is not None else torch.float32
+    device, dtype = _placement(hf_norm)
     probe = torch.randn(2, d_model, generator=torch.Generator().manual_seed(0))
     probe[1] = probe[1] / probe[1].pow(2).mean().sqrt() * (eps / 4) ** 0.5  # σ² ≈ 1.25 ε (RMS case)
     probe = probe.to(device, dtype)
@@ -171,9 +176,7 @@ def _statistic_node(
     rest, so a cut elsewhere cannot pass for it.
     """
     weight = getattr(hf_norm, "weight", None)
-    ref = weight if weight is not None else next(hf_norm.parameters(), None)
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None else torch.float32
+    device, dtype = _placement(hf_norm)
     found = _STATISTIC_NODES.setdefault(hf_norm, {})
     if (dtype, device) in found:
         return found[(dtype, device)]
