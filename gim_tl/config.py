@@ -59,12 +59,25 @@ class GIMConfig:
         """
         return self.grad_norm and self.q_scale == self.k_scale
 
-    def scale_after_hook(self, which: str) -> float:
-        """The factor still to be applied to a gradient read at ``attn.hook_{which}`` (q, k or v).
+    @property
+    def gate_up_on_product(self) -> bool:
+        """True when the gate and up factors are applied once, to the gradient entering ``act(gate) · up``.
 
-        1 where the read gradient already carries it (q, k on the score gradient) or grad norm is off.
+        With ``h = act(gate) · up``, ``∂h/∂gate = act'(gate) · up`` and ``∂h/∂up = act(gate)``: both
+        branches' gradients are linear in ``h``'s, so scaling it by ``s`` scales each by exactly ``s``.
+        A gradient read at ``mlp.hook_pre``/``hook_pre_linear`` then already carries the factor.
         """
-        if not self.grad_norm or (which in ("q", "k") and self.qk_on_scores):
+        return self.grad_norm and self.gate_scale == self.up_scale
+
+    def scale_after_hook(self, which: str) -> float:
+        """The factor still to be applied to a gradient read at ``attn.hook_{which}`` (q, k or v), or at
+        ``mlp.hook_pre`` (``"gate"``) or ``mlp.hook_pre_linear`` (``"up"``).
+
+        1 where the read gradient already carries it (q, k on the score gradient; gate, up on the
+        product's gradient) or grad norm is off.
+        """
+        if not self.grad_norm or (which in ("q", "k") and self.qk_on_scores) or (
+                which in ("gate", "up") and self.gate_up_on_product):
             return 1.0
         return getattr(self, f"{which}_scale")
 

@@ -2,8 +2,8 @@
 
 Every rule is installed by a *forward* hook that places a backward modification on the hooked
 activation (a gradient hook on it; an autograd Function: TSG, the Bridge freeze of a fused norm; or a
-pre-hook that drops the gradient of the node where a Bridge norm computes its statistic; see
-:mod:`gim_tl.rules`): the values are unchanged (the forward pass is bit-identical), only the
+pre-hook on an autograd node: the one where a Bridge norm computes its statistic gets no gradient, the
+gated MLP's ``act(gate)·up`` gets ×½; see :mod:`gim_tl.rules`): the values are unchanged (the forward pass is bit-identical), only the
 backward differs. So any gradient read afterwards — ``.backward()``, your own backward hooks,
 ``run_with_cache(incl_bwd=True)``, attribution patching, EAP — is the GIM gradient.
 
@@ -21,7 +21,11 @@ hook point                    gradient seen there
                               With unequal q/k factors it is applied at hook_q/k instead, and a
                               hook there sees the gradient before it
 ``attn.hook_v``               the gradient *before* the ½ factor; upstream sees it scaled
-``mlp.hook_pre/_pre_linear``  the gradient *before* the ½ factor (gated MLPs only)
+``mlp.hook_pre/_pre_linear``  the gradient *after* the ½ (gated MLPs only): the factor is applied once, to
+                              the gradient entering ``act(gate)·up``, which scales both branches exactly.
+                              With unequal gate/up factors it is applied at these points instead, and a
+                              hook there sees the gradient before it
+``mlp.hook_post``             the GIM gradient at the product (before its branches' ½)
 ``*.hook_scale``,             HookedTransformer: none at hook_scale (detached), the GIM
 ``*.hook_normalized``         gradient at hook_normalized. TransformerBridge: none at either
                               (side values of the norm; GIM freezes the statistic of HF's own)
@@ -33,7 +37,7 @@ hook point                    gradient seen there
 every other point             the GIM gradient (resid, z, result, mlp_out, embed, ...)
 ============================  ===========================================================
 
-A backward hook that *returns* a tensor at v/gate/up replaces what GIM sends upstream there
+A backward hook that *returns* a tensor at v (or gate/up, unequal factors) replaces what GIM sends upstream there
 (TL's last-returned-wins rule); read-only hooks are safe everywhere. TSG bypasses the model's own
 softmax node (and the Bridge norm freeze of a fused norm its backward), so the set runs the backward hooks
 bound (at forward time, as PyTorch does) to ``hook_pattern``, ``hook_attn_scores`` and such a Bridge
@@ -323,10 +327,35 @@ class GIMHookSet:
         elif not cfg.tsg and cfg.q_scale != 1.0:  # with TSG on, TSG's backward applies it
             hooks.append(self._scale_hook("grad_norm.qk", f"{sites.attn}.hook_attn_scores", cfg.q_scale))
         hooks.append(self._scale_hook("grad_norm.v", f"{sites.attn}.hook_v", cfg.v_scale))
-        if sites.gated_mlp:
+        if sites.gated_mlp and cfg.gate_up_on_product and sites.product:
+            hooks.append(self._gate_up_hook(sites))
+        elif sites.gated_mlp:
             hooks.append(self._scale_hook("grad_norm.gate", f"{sites.mlp}.hook_pre", cfg.gate_scale))
             hooks.append(self._scale_hook("grad_norm.up", f"{sites.mlp}.hook_pre_linear", cfg.up_scale))
         return hooks
+
+    def _gate_up_hook(self, sites: LayerSites) -> Hook:
+        """Gate and up ×s at once, on the node of ``act(gate) · up`` behind ``mlp.hook_post``
+        (``GIMConfig.gate_up_on_product``); a hook at hook_post sees the gradient before it."""
+        name = f"{sites.mlp}.hook_post"
+        fired = self._counted("grad_norm.gate_up", name)
+        factor = self.config.gate_scale
+
+        def scale_product(post, hook):
+            if not post.requires_grad:
+                return None
+            node = rules.product_node(post, sites.product)
+            if node is None:
+                found = None if post.grad_fn is None else post.grad_fn.name()
+                raise GIMModelError(
+                    f"{name} is not act(gate) · up here (its autograd node is {found}, expected {sites.product[0]}), "
+                    "so GIM cannot scale the gate and up gradients there. A forward hook that ran before GIM's may "
+                    "have replaced it: attach GIM's hooks before hooks that edit mlp.hook_post.")
+            self._forward[("grad_norm.gate_up", name)] += 1
+            rules.scale_node_grad(node, factor, fired)
+            return None
+
+        return (name, scale_product)
 
     def _freeze_hooks(self, layout: ModelLayout, norm: NormSite) -> list[Hook]:
         site = norm.prefix

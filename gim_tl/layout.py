@@ -56,6 +56,9 @@ class LayerSites:
 
     layer: int
     gated_mlp: bool
+    #: Gated MLPs whose ``mlp.hook_post`` is ``act(gate) · up`` (+ ``b_in``): the autograd nodes from it to
+    #: the product along first inputs (see ``rules.product_node``); ``()`` where there is no such point.
+    product: tuple[str, ...] = ()
 
     @property
     def attn(self) -> str:
@@ -251,11 +254,15 @@ def discover(model, *, norms: bool = True) -> ModelLayout:
             if getattr(hf_attn, "sinks", None) is not None:
                 raise GIMModelError(f"{prefix}.attn has attention sinks: TSG cannot be recomputed from hook_pattern.")
             gated = f"{prefix}.mlp.hook_pre_linear" in hook_points
+            product = ("MulBackward0",)  # HF: down_proj(act(gate_proj(x)) * up_proj(x)), hook_post = down's input
         else:
             gated = bool(cfg.gated_mlp)
             if gated:
                 _require(model, hook_points, [f"{prefix}.mlp.hook_pre_linear"], f"the gated MLP of layer {layer}")
-        layers.append(LayerSites(layer, gated))
+            # TL's GatedMLP: hook_post(act(pre) * pre_linear + b_in); its LN activations have no product
+            product = () if cfg.is_layer_norm_activation() else ("AddBackward0", "MulBackward0")
+        has_post = f"{prefix}.mlp.hook_post" in hook_points
+        layers.append(LayerSites(layer, gated, product if gated and has_post else ()))
 
     sites = []
     if norms:

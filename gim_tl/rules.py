@@ -202,6 +202,36 @@ def scale_grad(
     return x
 
 
+def scale_node_grad(node, factor: float, on_backward: Callable[[], None] | None = None):
+    """Multiply the gradient entering autograd ``node`` by ``factor``; returns the hook's handle.
+
+    On the node of a product ``a · b`` this scales both factors' gradients exactly (gate and up:
+    one site in place of two), while hooks on the product's own tensor still see the gradient before it.
+    """
+
+    def scale(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+        if on_backward is not None:
+            on_backward()
+        return tuple(None if g is None else g * factor for g in grad_outputs)
+
+    return node.register_prehook(scale)
+
+
+def product_node(y: Tensor, names: tuple[str, ...]):
+    """The autograd node of the product behind ``y``, or None if ``y``'s graph is not the one expected.
+
+    ``names``: the nodes from ``y``'s own to the product along first inputs, e.g. ``("MulBackward0",)``
+    for ``y = act(gate) · up``, ``("AddBackward0", "MulBackward0")`` for ``y = act(gate) · up + b``.
+    TL's wrapper for a backward hook on ``y``'s hook point is stepped over.
+    """
+    node = y.grad_fn
+    while node is not None and node.name() == "BackwardHookFunctionBackward":
+        node = node.next_functions[0][0]
+    if node is None or node.name() != names[0]:
+        return None
+    return graph_node(node, (0,) * (len(names) - 1), names[1:])
+
+
 def capture_grad(y: Tensor, store: Callable[[Tensor], None]) -> None:
     """Hand ``y``'s total backward gradient to ``store`` (read-only: the gradient flows on unchanged)."""
 

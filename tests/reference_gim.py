@@ -369,18 +369,24 @@ def attention(layer: Layer, u: Tensor, arch: Arch, rules: Rules, record: dict | 
     return out if layer.b_o is None else out + layer.b_o
 
 
-def mlp(layer: Layer, u: Tensor, arch: Arch, rules: Rules) -> Tensor:
-    """Gated (``act(u W_gate) ⊙ u W_in``, both branches ×½ under grad norm) or plain MLP (never scaled)."""
+def mlp(layer: Layer, u: Tensor, arch: Arch, rules: Rules, record: dict | None = None, prefix: str = "") -> Tensor:
+    """Gated (``act(u W_gate) ⊙ u W_in``, both branches ×½ under grad norm) or plain MLP (never scaled).
+
+    Recorded (gated): ``mlp.hook_pre``/``hook_pre_linear`` below the ½ (their gradients carry it),
+    ``mlp.hook_post`` the product (+ ``b_in``).
+    """
     up = u @ layer.w_in
     if layer.w_gate is None:
         hidden = arch.act(up if layer.b_in is None else up + layer.b_in)
     else:
-        gate = u @ layer.w_gate
+        gate = _keep(record, f"{prefix}.mlp.hook_pre", u @ layer.w_gate)
+        up = _keep(record, f"{prefix}.mlp.hook_pre_linear", up)
         if rules.grad_norm:
             gate, up = grad_times(gate, rules.gate), grad_times(up, rules.up)
         hidden = arch.act(gate) * up
         if layer.b_in is not None:
             hidden = hidden + layer.b_in
+        hidden = _keep(record, f"{prefix}.mlp.hook_post", hidden)
     out = hidden @ layer.w_out
     return out if layer.b_out is None else out + layer.b_out
 
@@ -392,6 +398,7 @@ def forward(
 
     ``record`` (a dict) receives retained intermediates under TL hook names (``blocks.0.hook_resid_pre``,
     ``blocks.0.attn.hook_q`` (its gradient is the one *after* the ¼), ``...hook_attn_scores``,
+    ``...mlp.hook_pre/_pre_linear/_post`` (gated MLPs; gate and up after the ½),
     ``ln_final.hook_in``: the last residual, whose only reader is the final norm).
     """
     h = embeds if arch.embed_scale is None else embeds * arch.embed_scale
@@ -405,7 +412,7 @@ def forward(
         if layer.ln1_post is not None:
             attn_out = layer.ln1_post(attn_out, rules)
         h = h + attn_out
-        mlp_out = mlp(layer, layer.ln2(h, rules), arch, rules)
+        mlp_out = mlp(layer, layer.ln2(h, rules), arch, rules, record, prefix)
         if layer.ln2_post is not None:
             mlp_out = layer.ln2_post(mlp_out, rules)
         h = h + mlp_out

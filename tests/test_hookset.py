@@ -87,6 +87,9 @@ def is_gated(name: str) -> bool:
     return name in ("llama", "qwen2", "gemma2", "llama_like", "gemma_like", "llama_fold_ln")
 
 
+GATED_MODELS = [m for m in MODELS if is_gated(m.values[0][1])]
+
+
 def has_post_norms(name: str) -> bool:
     return name in ("gemma2", "gemma_like")
 
@@ -188,6 +191,7 @@ _ROLE_PATTERNS = {
     "gate": r"gate_proj\.weight$|mlp\.W_gate$",
     "up": r"up_proj\.weight$|mlp\.W_in$",  # gated models only (TL's gated b_in is added after the product)
     "mlp_in": r"c_fc\.(weight|bias)$|mlp\.[Wb]_in$",  # ungated models only
+    "gated_b_in": r"mlp\.b_in$",  # TL's GatedMLP: added after act(gate)·up, so never scaled
 }
 
 
@@ -242,8 +246,35 @@ def test_last_layer_mlp_gate_up_halved_ungated_untouched(model_id):
     _, _, plain = run(model, tokens)
     _, _, scaled = run(model, tokens, GIMHookSet.preset("grad_norm"))
     roles = (("gate", 0.5), ("up", 0.5)) if is_gated(name) else (("mlp_in", 1.0),)
+    if is_gated(name) and kind == "hooked":
+        roles += (("gated_b_in", 1.0),)
     for role, factor in roles:
         assert_exact_multiple(last_layer_params(scaled, last, role), last_layer_params(plain, last, role), factor)
+
+
+@pytest.mark.parametrize("model_id", GATED_MODELS)
+def test_unequal_gate_up_factors_are_applied_per_branch(model_id):
+    """gate ≠ up factors cannot share the product's gradient: each goes on its own hook point, still exact."""
+    model = cached_model(*model_id)
+    tokens, last = tokens_for_test(), model.cfg.n_layers - 1
+    _, _, plain = run(model, tokens)
+    gim = GIMHookSet.preset("grad_norm", q_scale=1.0, k_scale=1.0, v_scale=1.0, gate_scale=0.5, up_scale=0.25)
+    _, _, scaled = run(model, tokens, gim)
+    for role, factor in (("gate", 0.5), ("up", 0.25)):
+        assert_exact_multiple(last_layer_params(scaled, last, role), last_layer_params(plain, last, role), factor)
+    assert {(r.rule, r.site) for r in gim.report() if r.rule.startswith("grad_norm.")} >= {
+        (f"grad_norm.{g}", f"blocks.{i}.mlp.hook_{p}") for i in range(model.cfg.n_layers)
+        for g, p in (("gate", "pre"), ("up", "pre_linear"))}
+
+
+@pytest.mark.parametrize("model_id", GATED_MODELS)
+def test_gate_up_rule_refuses_a_hook_post_that_is_not_the_product(model_id):
+    """A hook that replaced hook_post before GIM's saw it leaves no product to scale: a clear error."""
+    model = cached_model(*model_id)
+    gim = GIMHookSet.preset("grad_norm")
+    with model.hooks(fwd_hooks=[("blocks.0.mlp.hook_post", lambda x, hook: x + 0.0)] + gim.fwd_hooks(model)):
+        with pytest.raises(GIMModelError, match=r"blocks\.0\.mlp\.hook_post is not act\(gate\)"):
+            model(tokens_for_test())
 
 
 # --------------------------------------------------------------------------------------
@@ -522,8 +553,8 @@ def expected_rules(kind: str, name: str, n_layers: int) -> set[tuple[str, str]]:
         b = f"blocks.{i}"
         out |= {("tsg", f"{b}.attn"), ("grad_norm.qk", f"{b}.attn.hook_attn_scores"),
                 ("grad_norm.v", f"{b}.attn.hook_v")}
-        if is_gated(name):
-            out |= {("grad_norm.gate", f"{b}.mlp.hook_pre"), ("grad_norm.up", f"{b}.mlp.hook_pre_linear")}
+        if is_gated(name):  # equal gate and up factors: once, on act(gate)·up behind hook_post
+            out |= {("grad_norm.gate_up", f"{b}.mlp.hook_post")}
         norms = ("ln1", "ln1_post", "ln2", "ln2_post") if has_post_norms(name) else ("ln1", "ln2")
         out |= {("freeze_norm", f"{b}.{n}") for n in norms}
     return out
@@ -862,6 +893,14 @@ def test_run_with_cache_resid_and_qkv_grads(model_id):
     """Cached ``hook_resid_pre`` grads are GIM grads; ``hook_q/k`` grads carry the ¼, ``hook_v`` not the ½."""
     model, cache, record = cache_and_reference(model_id)
     assert_cached_grads_match(model, cache, record, ("hook_resid_pre", "attn.hook_q", "attn.hook_k", "attn.hook_v"))
+
+
+@pytest.mark.parametrize("model_id", GATED_MODELS)
+def test_run_with_cache_gated_mlp_grads(model_id):
+    """Cached ``mlp.hook_pre/_pre_linear`` grads carry the ½ (it is applied below ``hook_post``, whose
+    cached grad is the GIM gradient without it): each matches the reference's gradient at that point."""
+    model, cache, record = cache_and_reference(model_id)
+    assert_cached_grads_match(model, cache, record, ("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post"))
 
 
 @pytest.mark.parametrize("model_id", MODELS[: len(tm.BRIDGE_FAMILIES)])

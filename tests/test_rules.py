@@ -6,6 +6,7 @@ in float64; the norm freeze against autograd of hand-written norms whose statist
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -311,6 +312,41 @@ def test_graph_node_follows_the_path_only_through_the_named_nodes():
     assert rules.graph_node(y.grad_fn, (0, 5), ("ExpBackward0", "MulBackward0")) is None
     leaf = rules.graph_node(y.grad_fn, (0, 0, 0), ("ExpBackward0", "MulBackward0", "torch::autograd::AccumulateGrad"))
     assert leaf is not None and leaf.variable is x
+
+
+def test_scaling_the_products_node_scales_both_factors_and_nothing_else():
+    """On the node of ``act(gate) · up (+ b)``, ×s gives gate and up exactly s × their plain gradients
+    (hand-derived: ``g · up · act'(gate)`` and ``g · act(gate)``), while ``b`` and a hook on the product's
+    own tensor see the gradient unscaled. ``product_node`` steps over a backward-hook wrapper and answers
+    None for another graph."""
+    gen = torch.Generator().manual_seed(3)
+    gate, up, b = (torch.randn(2, 5, generator=gen).requires_grad_(True) for _ in range(3))
+    g = torch.randn(2, 5, generator=gen)
+    for with_bias in (False, True):
+        post = torch.nn.functional.silu(gate) * up
+        if with_bias:
+            post = post + b
+        names = ("AddBackward0", "MulBackward0") if with_bias else ("MulBackward0",)
+        wrapped = torch.nn.Module()
+        wrapped.register_full_backward_hook(lambda module, gin, gout: None)
+        wrapped.forward = lambda t: t
+        post = wrapped(post)  # TL's backward-hook wrapper, as on a HookPoint with a backward hook
+        assert post.grad_fn.name() == "BackwardHookFunctionBackward"
+        seen = []
+        post.register_hook(seen.append)
+        fired: list[int] = []
+        node = rules.product_node(post, names)
+        assert node is not None and node.name() == "MulBackward0"
+        rules.scale_node_grad(node, 0.25, functools.partial(fired.append, 1))
+        dgate, dup, db = torch.autograd.grad(post, (gate, up, b), g, allow_unused=True)
+        sig = torch.sigmoid(gate.detach())
+        act_grad = sig * (1 + gate.detach() * (1 - sig))
+        torch.testing.assert_close(dgate, 0.25 * g * up.detach() * act_grad)
+        torch.testing.assert_close(dup, 0.25 * g * torch.nn.functional.silu(gate.detach()))
+        assert (db is None) != with_bias and (not with_bias or torch.equal(db, g))
+        assert torch.equal(seen[0], g) and fired == [1]
+    assert rules.product_node(gate.exp() + up, ("MulBackward0",)) is None
+    assert rules.product_node(gate.exp() + up, ("AddBackward0", "MulBackward0")) is None
 
 
 def test_frozen_norm_input_grad_uses_eps():
