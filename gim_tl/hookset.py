@@ -3,9 +3,9 @@
 Every rule is installed by a *forward* hook that places a backward modification on the hooked
 activation (a gradient hook on it; an autograd Function: TSG, the Bridge freeze of a fused norm; or a
 pre-hook on an autograd node: the one where a Bridge norm computes its statistic gets no gradient, the
-gated MLP's ``act(gate)·up`` gets ×½; see :mod:`gim_tl.rules`): the values are unchanged (the forward pass is bit-identical), only the
-backward differs. So any gradient read afterwards — ``.backward()``, your own backward hooks,
-``run_with_cache(incl_bwd=True)``, attribution patching, EAP — is the GIM gradient.
+gated MLP's ``act(gate)·up`` gets ×½; see :mod:`gim_tl.rules`): the values are unchanged (the forward
+pass is bit-identical), only the backward differs. So any gradient read afterwards — ``.backward()``,
+your own backward hooks, ``run_with_cache(incl_bwd=True)``, attribution patching, EAP — is the GIM gradient.
 
 What a backward hook (or the ``*_grad`` entries of ``run_with_cache(incl_bwd=True)``) sees at a
 modified point:

@@ -23,28 +23,42 @@ from torch import Tensor
 # --------------------------------------------------------------------------------------
 
 
+def mask_threshold(dtype: torch.dtype) -> float:
+    """Half of ``finfo(dtype).min``: scores at or below it are attention-mask values."""
+    return _MASK_THRESHOLDS.get(dtype) or _MASK_THRESHOLDS.setdefault(dtype, torch.finfo(dtype).min / 2)
+
+
+_MASK_THRESHOLDS: dict[torch.dtype, float] = {}
+
+
 def masked_below(x: Tensor) -> Tensor:
     """True where ``x`` is an attention mask value: ``-inf``, or at most half of ``finfo.min``.
 
     TL masks with ``-inf`` (HookedTransformer, compatibility mode) or ``finfo(dtype).min``
     (TransformerBridge); an additive padding mask on top of the latter gives ``-inf`` too.
     """
-    return x <= torch.finfo(x.dtype).min / 2
+    return x <= mask_threshold(x.dtype)
+
+
+def as_fp32(x: Tensor) -> Tensor:
+    """``x`` in fp32 (itself if it is already): GIM's math runs in fp32 whatever the model's dtype."""
+    return x if x.dtype == torch.float32 else x.float()
 
 
 def tempered_pattern(
-    source: Float[Tensor, "... key"], temperature: float, *, source_is_scores: bool
+    source: Float[Tensor, "... key"], temperature: float, *, source_is_scores: bool, nonempty: bool = False
 ) -> Float[Tensor, "... key"]:
     """``A_T = softmax(S / T)`` in fp32, from the scores ``S`` or from the pattern ``A = softmax(S)``.
 
     From the pattern, ``softmax(S/T) = A^(1/T) / Σ A^(1/T)`` exactly, so the scores need not be kept.
-    Masked keys give 0 either way; rows with no valid key give an all-zero row (never NaN).
+    Masked keys give 0 either way; rows with no valid key give an all-zero row (never NaN), a guard
+    that ``nonempty=True`` (every row has a valid key: checked in forward) skips.
     """
     if source_is_scores:
         x = source.float() / temperature
         x.masked_fill_(masked_below(source), float("-inf"))
         return torch.softmax(x, dim=-1).nan_to_num_(0.0)
-    a = source.float()
+    a = as_fp32(source)
     if temperature == 2.0:
         # √a as a·a^(-½): ~3× faster on CPU, whose sqrt kernel is slow on the exact zeros of masked
         # keys; there 0·∞ = NaN, set back to 0.
@@ -52,7 +66,9 @@ def tempered_pattern(
     else:
         weights = a.clamp_min(0).pow(1.0 / temperature)
     total = weights.sum(-1, keepdim=True)
-    return weights.div_(total.clamp_min_(torch.finfo(torch.float32).tiny))  # all-zero rows stay 0
+    if not nonempty:
+        total.clamp_min_(torch.finfo(torch.float32).tiny)  # all-zero rows stay 0
+    return weights.div_(total)
 
 
 def tsg_grad_scores_reference(
@@ -62,22 +78,22 @@ def tsg_grad_scores_reference(
     *,
     source_is_scores: bool,
     row_valid: Bool[Tensor, "..."] | None = None,
+    nonempty: bool = False,
 ) -> Float[Tensor, "... key"]:
     """TSG score gradient ``dS = A_T ⊙ (g − Σ_k A_T,k g_k)`` in fp32 (the PyTorch path).
 
     This is the ordinary softmax backward with ``A_T`` in place of ``A``, so PyTorch's fused
     softmax-backward op computes it. ``row_valid`` (optional, shape ``source.shape[:-1]``)
     zeroes rows that are fully masked but whose pattern does not show it (TransformerBridge's
-    ``finfo.min`` mask gives such a row a uniform pattern).
+    ``finfo.min`` mask gives such a row a uniform pattern); ``nonempty`` as in :func:`tempered_pattern`.
     """
-    a_t = tempered_pattern(source, temperature, source_is_scores=source_is_scores)
+    a_t = tempered_pattern(source, temperature, source_is_scores=source_is_scores, nonempty=nonempty)
     # On CPU, write dS over A_T (a fresh buffer) when its rows are contiguous: the kernel then finishes
     # each row's dot product before writing the row, and one [batch, head, query, key] allocation fewer
     # matters there (each large one is page-faulted in anew). Otherwise let the op allocate.
     in_place = a_t.device.type == "cpu" and a_t.is_contiguous()
     out = a_t if in_place else torch.empty_like(a_t, memory_format=torch.contiguous_format)
-    d_scores = torch.ops.aten._softmax_backward_data.out(grad_pattern.float(), a_t, -1, torch.float32,
-                                                         grad_input=out)
+    d_scores = torch._softmax_backward_data(as_fp32(grad_pattern), a_t, -1, torch.float32, grad_input=out)
     if row_valid is not None:
         d_scores.mul_(row_valid.unsqueeze(-1))
     return d_scores
@@ -90,7 +106,7 @@ def fully_masked_rows(scores: Float[Tensor, "... query key"]) -> Bool[Tensor, ".
     row check runs only when some diagonal entry is masked (left padding); it is cheap otherwise.
     """
     if scores.shape[-1] == scores.shape[-2] and scores.numel():
-        if scores.diagonal(dim1=-2, dim2=-1).min().item() > torch.finfo(scores.dtype).min / 2:
+        if scores.diagonal(dim1=-2, dim2=-1).min().item() > mask_threshold(scores.dtype):
             return None
     rows = masked_below(scores).all(-1)
     return rows if rows.any() else None
@@ -104,6 +120,7 @@ def tsg_grad_scores(
     source_is_scores: bool,
     row_valid: Bool[Tensor, "..."] | None = None,
     use_triton: bool = True,
+    nonempty: bool = False,
 ) -> Float[Tensor, "... key"]:
     """TSG score gradient in fp32: the fused Triton kernel for CUDA tensors, PyTorch elsewhere."""
     if use_triton and source.is_cuda:
@@ -114,9 +131,8 @@ def tsg_grad_scores(
                 source, grad_pattern, temperature,
                 source_is_scores=source_is_scores, row_valid=row_valid,
             )
-    return tsg_grad_scores_reference(
-        source, grad_pattern, temperature, source_is_scores=source_is_scores, row_valid=row_valid
-    )
+    return tsg_grad_scores_reference(source, grad_pattern, temperature, source_is_scores=source_is_scores,
+                                     row_valid=row_valid, nonempty=nonempty)
 
 
 GradMap = Callable[[Tensor], Tensor]
@@ -149,8 +165,10 @@ class TSGSoftmax(torch.autograd.Function):
             grad_pattern = map_grad_pattern(grad_pattern)
         d_scores = tsg_grad_scores(
             source, grad_pattern, temperature, source_is_scores=source_is_scores,
-            row_valid=row_valid, use_triton=use_triton,
-        ).to(scores_dtype)
+            row_valid=row_valid, use_triton=use_triton, nonempty=row_valid is None,
+        )
+        if d_scores.dtype != scores_dtype:
+            d_scores = d_scores.to(scores_dtype)
         if map_grad_scores is not None:
             d_scores = map_grad_scores(d_scores)
         return d_scores, None, None, None, None, None, None, None, None
@@ -203,16 +221,17 @@ def scale_grad(
 
 
 def scale_node_grad(node, factor: float, on_backward: Callable[[], None] | None = None):
-    """Multiply the gradient entering autograd ``node`` by ``factor``; returns the hook's handle.
+    """Multiply the gradient entering autograd ``node`` (one output) by ``factor``; returns the hook's handle.
 
     On the node of a product ``a · b`` this scales both factors' gradients exactly (gate and up:
     one site in place of two), while hooks on the product's own tensor still see the gradient before it.
     """
 
-    def scale(grad_outputs: tuple[Tensor, ...]) -> tuple[Tensor | None, ...]:
+    def scale(grad_outputs: tuple[Tensor | None]) -> tuple[Tensor | None]:
         if on_backward is not None:
             on_backward()
-        return tuple(None if g is None else g * factor for g in grad_outputs)
+        (grad,) = grad_outputs
+        return (None if grad is None else grad * factor,)
 
     return node.register_prehook(scale)
 
