@@ -224,18 +224,27 @@ def test_last_layer_qkv_get_quarter_quarter_half(model_id):
         assert_exact_multiple(last_layer_params(scaled, last, role), last_layer_params(plain, last, role), factor)
 
 
-@pytest.mark.parametrize("model_id", MODELS)
-def test_unequal_q_k_factors_are_applied_per_branch(model_id):
-    """q ≠ k factors cannot share the score gradient: each goes on its own hook point, still exact."""
+def assert_factors_applied_per_branch(model_id, factors: dict, roles: tuple, sites: tuple) -> None:
+    """Grad norm with ``factors``: each role's last-layer gradient is its exact multiple, and the report
+    lists each ``(rule, hook point)`` in ``sites`` (e.g. ``("grad_norm.q", "attn.hook_q")``) in every layer."""
     model = cached_model(*model_id)
     tokens, last = tokens_for_test(), model.cfg.n_layers - 1
     _, _, plain = run(model, tokens)
-    gim = GIMHookSet.preset("grad_norm", q_scale=0.25, k_scale=0.5, v_scale=1.0, gate_scale=1.0, up_scale=1.0)
+    gim = GIMHookSet.preset("grad_norm", **factors)
     _, _, scaled = run(model, tokens, gim)
-    for role, factor in (("q", 0.25), ("k", 0.5), ("v", 1.0)):
+    for role, factor in roles:
         assert_exact_multiple(last_layer_params(scaled, last, role), last_layer_params(plain, last, role), factor)
-    assert {r.site for r in gim.report() if r.rule in ("grad_norm.q", "grad_norm.k")} == {
-        f"blocks.{i}.attn.hook_{p}" for i in range(model.cfg.n_layers) for p in "qk"}
+    names = {rule for rule, _ in sites}
+    assert {(r.rule, r.site) for r in gim.report() if r.rule in names} == {
+        (rule, f"blocks.{i}.{point}") for i in range(model.cfg.n_layers) for rule, point in sites}
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_unequal_q_k_factors_are_applied_per_branch(model_id):
+    """q ≠ k factors cannot share the score gradient: each goes on its own hook point, still exact."""
+    assert_factors_applied_per_branch(
+        model_id, dict(q_scale=0.25, k_scale=0.5, v_scale=1.0, gate_scale=1.0, up_scale=1.0),
+        (("q", 0.25), ("k", 0.5), ("v", 1.0)), (("grad_norm.q", "attn.hook_q"), ("grad_norm.k", "attn.hook_k")))
 
 
 @pytest.mark.parametrize("model_id", MODELS)
@@ -255,16 +264,9 @@ def test_last_layer_mlp_gate_up_halved_ungated_untouched(model_id):
 @pytest.mark.parametrize("model_id", GATED_MODELS)
 def test_unequal_gate_up_factors_are_applied_per_branch(model_id):
     """gate ≠ up factors cannot share the product's gradient: each goes on its own hook point, still exact."""
-    model = cached_model(*model_id)
-    tokens, last = tokens_for_test(), model.cfg.n_layers - 1
-    _, _, plain = run(model, tokens)
-    gim = GIMHookSet.preset("grad_norm", q_scale=1.0, k_scale=1.0, v_scale=1.0, gate_scale=0.5, up_scale=0.25)
-    _, _, scaled = run(model, tokens, gim)
-    for role, factor in (("gate", 0.5), ("up", 0.25)):
-        assert_exact_multiple(last_layer_params(scaled, last, role), last_layer_params(plain, last, role), factor)
-    assert {(r.rule, r.site) for r in gim.report() if r.rule.startswith("grad_norm.")} >= {
-        (f"grad_norm.{g}", f"blocks.{i}.mlp.hook_{p}") for i in range(model.cfg.n_layers)
-        for g, p in (("gate", "pre"), ("up", "pre_linear"))}
+    assert_factors_applied_per_branch(
+        model_id, dict(q_scale=1.0, k_scale=1.0, v_scale=1.0, gate_scale=0.5, up_scale=0.25),
+        (("gate", 0.5), ("up", 0.25)), (("grad_norm.gate", "mlp.hook_pre"), ("grad_norm.up", "mlp.hook_pre_linear")))
 
 
 @pytest.mark.parametrize("model_id", GATED_MODELS)
