@@ -45,6 +45,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
+from gim_tl.rules import mask_threshold
+
 __all__ = ["triton_available", "tsg_backward", "MAX_FUSED_COLS", "LOOP_BLOCK"]
 
 #: Longest key length handled by the single-pass, in-register kernel.
@@ -367,7 +369,7 @@ def tsg_backward(
 
     if source_is_scores:
         scale = _LOG2E / t
-        mask_thresh = torch.finfo(source.dtype).min / 2
+        mask_thresh = mask_threshold(source.dtype)
     else:
         scale = 1.0 / t
         mask_thresh = 0.0

@@ -12,6 +12,7 @@ forward pass is bit-identical with and without them. All GIM math runs in fp32.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -23,12 +24,10 @@ from torch import Tensor
 # --------------------------------------------------------------------------------------
 
 
+@functools.cache
 def mask_threshold(dtype: torch.dtype) -> float:
     """Half of ``finfo(dtype).min``: scores at or below it are attention-mask values."""
-    return _MASK_THRESHOLDS.get(dtype) or _MASK_THRESHOLDS.setdefault(dtype, torch.finfo(dtype).min / 2)
-
-
-_MASK_THRESHOLDS: dict[torch.dtype, float] = {}
+    return torch.finfo(dtype).min / 2
 
 
 def masked_below(x: Tensor) -> Tensor:
