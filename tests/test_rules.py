@@ -174,6 +174,19 @@ def test_tempered_pattern_equals_softmax_of_scaled_scores(temperature):
     torch.testing.assert_close(from_pattern.double(), want, rtol=0, atol=1e-6)
 
 
+def test_tempered_pattern_keeps_subnormal_weights_and_exact_zeros():
+    """At T = 2 keys whose pattern weight underflowed to a subnormal still carry √a (≈ 1e-20 here), and masked
+    keys (a = 0) get exactly 0, never NaN: checked against √a / Σ√a in float64."""
+    tiny = torch.finfo(torch.float32).tiny
+    pattern = torch.tensor([[0.5, 0.25, tiny / 1e3, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    got = rules.tempered_pattern(pattern, 2.0, source_is_scores=False)
+    root = pattern.double().sqrt()
+    want = root / root.sum(-1, keepdim=True).clamp_min(1e-300)
+    assert not got.isnan().any()
+    assert got[0, 2] > 0 and (got[:, 3] == 0).all() and (got[2] == 0).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_masked_below_recognises_tl_mask_values(dtype):
     fmin = torch.finfo(dtype).min
