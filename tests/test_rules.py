@@ -175,7 +175,7 @@ def test_tempered_pattern_equals_softmax_of_scaled_scores(temperature):
 
 
 def test_tempered_pattern_keeps_subnormal_weights_and_exact_zeros():
-    """At T = 2 keys whose pattern weight underflowed to a subnormal still carry √a (≈ 1e-20 here), and masked
+    """At T = 2 keys whose pattern weight underflowed to a subnormal still carry √a (≈ 3e-21 here), and masked
     keys (a = 0) get exactly 0, never NaN: checked against √a / Σ√a in float64."""
     tiny = torch.finfo(torch.float32).tiny
     pattern = torch.tensor([[0.5, 0.25, tiny / 1e3, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
