@@ -1,4 +1,4 @@
-"""GIM settings: which rules are on, with what constants, and the spec's eight ablation presets."""
+"""GIM settings: which rules are on, with what constants, and the paper's eight ablation presets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ TSGSource = Literal["auto", "pattern", "scores"]
 
 @dataclass(frozen=True)
 class GIMConfig:
-    """Every knob of GIM (``shared/docs/gim_spec.md`` §2.5). The defaults are full GIM.
+    """Every knob of GIM (the rules are defined in :mod:`gim_tl.rules`). The defaults are full GIM (Edin et al.
+    2025, arXiv:2505.17630): TSG at T = 2, every norm frozen, q/k ×¼, v ×½, gate/up ×½.
 
     Attributes:
         tsg: evaluate the attention-softmax Jacobian at ``softmax(S / temperature)``.
@@ -85,7 +86,7 @@ class GIMConfig:
         return dataclasses.replace(self, **changes)
 
 
-#: The ablation variants of the paper's table (spec §2.5), by the rules they switch on.
+#: The ablation variants of the paper's table, by the rules they switch on.
 PRESETS: dict[str, GIMConfig] = {
     "plain": GIMConfig(tsg=False, freeze_norm=False, grad_norm=False),
     "freeze_norm": GIMConfig(tsg=False, freeze_norm=True, grad_norm=False),

@@ -1,11 +1,12 @@
 """``GIMHookSet``: TransformerLens forward hooks that make every gradient a GIM gradient.
 
-Every rule is installed by a *forward* hook that places a backward modification on the hooked
-activation (a gradient hook on it; an autograd Function: TSG, the Bridge freeze of a fused norm; or a
-pre-hook on an autograd node: the one where a Bridge norm computes its statistic gets no gradient, the
-gated MLP's ``act(gate)·up`` gets ×½; see :mod:`gim_tl.rules`): the values are unchanged (the forward
-pass is bit-identical), only the backward differs. So any gradient read afterwards — ``.backward()``,
-your own backward hooks, ``run_with_cache(incl_bwd=True)``, attribution patching, EAP — is the GIM gradient.
+Every rule (defined in :mod:`gim_tl.rules`) is installed by a *forward* hook that places a backward
+modification on the hooked activation (a gradient hook on it; an autograd Function: TSG, the Bridge freeze
+of a fused norm; or a pre-hook on an autograd node: the one where a Bridge norm computes its statistic gets
+no gradient, the gated MLP's ``act(gate)·up`` gets ×½; see :mod:`gim_tl.placement` and :mod:`gim_tl.fast`):
+the values are unchanged (the forward pass is bit-identical), only the backward differs. So any gradient
+read afterwards — ``.backward()``, your own backward hooks, ``run_with_cache(incl_bwd=True)``, attribution
+patching, EAP — is the GIM gradient.
 
 What a backward hook (or the ``*_grad`` entries of ``run_with_cache(incl_bwd=True)``) sees at a
 modified point:
@@ -41,60 +42,22 @@ A backward hook that *returns* a tensor at v (or gate/up, unequal factors) repla
 (TL's last-returned-wins rule); read-only hooks are safe everywhere. TSG bypasses the model's own
 softmax node (and the Bridge norm freeze of a fused norm its backward), so the set runs the backward hooks
 bound (at forward time, as PyTorch does) to ``hook_pattern``, ``hook_attn_scores`` and such a Bridge
-norm's ``hook_in`` itself, in the same order and with the same semantics.
+norm's ``hook_in`` itself, in the same order and with the same semantics (:mod:`gim_tl.hook_shim`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
-import torch
-
-from gim_tl import rules
+from gim_tl import placement
+from gim_tl._internals import add_permanent_forward_hook, remove_forward_hook
 from gim_tl.config import GIMConfig, preset
-from gim_tl.layout import GIMModelError, LayerSites, ModelLayout, NormSite, discover
+from gim_tl.layout import GIMModelError, ModelLayout, discover
+from gim_tl.placement import Hook
+from gim_tl.report import GIMReport, GIMRuleError, RuleCounter, RuleStatus
 
-Hook = tuple[str, Callable]
-
-
-class GIMRuleError(RuntimeError):
-    """A GIM rule that was expected did not take effect."""
-
-
-@dataclass(frozen=True)
-class RuleStatus:
-    """One rule at one site: how often it was installed in forward and applied in backward."""
-
-    rule: str
-    site: str
-    forward: int
-    backward: int
-
-    @property
-    def ok(self) -> bool:
-        return self.forward > 0 and self.backward > 0
-
-
-class GIMReport(list):
-    """A list of :class:`RuleStatus`, printable as a table; ``missing`` lists what did not fire."""
-
-    @property
-    def missing(self) -> list[RuleStatus]:
-        return [r for r in self if not r.ok]
-
-    def __str__(self) -> str:
-        lines = [f"{'rule':<16} {'site':<28} {'forward':>7} {'backward':>8}"]
-        lines += [f"{r.rule:<16} {r.site:<28} {r.forward:>7} {r.backward:>8}" + ("" if r.ok else "  <- did not fire")
-                  for r in self]
-        return "\n".join(lines)
-
-    def to_dataframe(self):
-        import pandas as pd
-
-        return pd.DataFrame([r.__dict__ for r in self])
+__all__ = ["GIMHookSet", "GIMReport", "GIMRuleError", "RuleStatus", "Hook"]
 
 
 class GIMHookSet:
@@ -115,14 +78,13 @@ class GIMHookSet:
         gim.run_with_hooks(model, tokens)              # model.run_with_hooks with GIM added
 
     After a backward pass, :meth:`report` says which rules fired where and :meth:`verify`
-    raises :class:`GIMRuleError` if an expected rule did not.
+    raises :class:`GIMRuleError` if an expected rule did not. Counts are kept per model and per
+    forward pass (:class:`gim_tl.report.RuleCounter`), so one set may serve several models.
     """
 
     def __init__(self, config: GIMConfig | None = None, **overrides) -> None:
         self.config = (config or GIMConfig()).replace(**overrides) if overrides else (config or GIMConfig())
-        self._forward: Counter = Counter()
-        self._backward: Counter = Counter()
-        self._expected: list[tuple[str, str]] = []
+        self.counter = RuleCounter()
         self._persistent: dict[int, list] = {}
 
     @classmethod
@@ -136,24 +98,26 @@ class GIMHookSet:
     # ---- hook lists --------------------------------------------------------------------
 
     def fwd_hooks(self, model) -> list[Hook]:
-        """TL-native ``(hook_name, fn)`` forward hooks that install every enabled rule."""
-        layout = discover(model, norms=self.config.freeze_norm)
-        self._check_model(model, layout)
-        self._expected = []
-        self.reset_counts()
-        hooks: list[Hook] = []
+        """TL-native ``(hook_name, fn)`` forward hooks that install every enabled rule.
+
+        Every way to attach the set builds its hooks here, once per call.
+        """
         cfg = self.config
+        layout = discover(model, norms=cfg.freeze_norm)
+        self._check_model(model, layout)
+        build = self.counter.build(model)
+        hooks: list[Hook] = []
         for sites in layout.layers:
             if cfg.tsg:
-                hooks += self._tsg_hooks(layout, sites)
+                hooks += placement.tsg_hooks(cfg, layout, sites, build)
             if cfg.grad_norm:
-                hooks += self._grad_norm_hooks(sites)
+                hooks += placement.grad_norm_hooks(cfg, sites, build)
         if cfg.freeze_norm:
             if not layout.norms:
                 raise GIMModelError(f"{type(model).__name__} has no *.hook_scale points: the norm freeze cannot be "
                                     "applied. Pass freeze_norm=False if the model really has no LayerNorm/RMSNorm.")
             for norm in layout.norms:
-                hooks += self._freeze_hooks(layout, norm)
+                hooks += placement.freeze_norm_hooks(layout, norm, build)
         return hooks
 
     def bwd_hooks(self, model) -> list[Hook]:
@@ -177,21 +141,18 @@ class GIMHookSet:
         ``run_with_hooks``). Undo with :meth:`remove_from`."""
         if id(model) in self._persistent:
             raise RuntimeError("this GIMHookSet is already attached to this model; call remove_from(model) first")
-        handles = []
         hook_points = dict(model.hook_dict)
+        handles = []
         for name, fn in self.fwd_hooks(model):
             point = hook_points[name]
-            model.add_hook(name, fn, dir="fwd", is_permanent=True)
-            handles.append((point, point.fwd_hooks[-1]))
+            handles.append((point, add_permanent_forward_hook(model, name, fn, point)))
         self._persistent[id(model)] = handles
         return self
 
     def remove_from(self, model) -> None:
         """Remove the hooks that :meth:`add_to` attached (and nothing else)."""
         for point, handle in self._persistent.pop(id(model), []):
-            handle.hook.remove()
-            if handle in point.fwd_hooks:
-                point.fwd_hooks.remove(handle)
+            remove_forward_hook(point, handle)
 
     def run_with_hooks(self, model, *model_args, fwd_hooks=(), bwd_hooks=(), **model_kwargs):
         """``model.run_with_hooks`` with GIM's hooks added to yours (backward afterwards still uses GIM)."""
@@ -201,26 +162,18 @@ class GIMHookSet:
     # ---- self-checks -------------------------------------------------------------------
 
     def report(self) -> GIMReport:
-        """Per rule and site: forward installs and backward applications since the last reset."""
-        return GIMReport(RuleStatus(rule, site, self._forward[(rule, site)], self._backward[(rule, site)])
-                         for rule, site in self._expected)
+        """Per model, forward pass, rule and site: forward installs and backward applications since the last
+        reset (see :class:`gim_tl.report.RuleStatus`)."""
+        return self.counter.report()
 
     def verify(self) -> GIMReport:
-        """Raise :class:`GIMRuleError` if an expected rule was not applied in the last backward pass(es)."""
-        report = self.report()
-        if not self._expected:
-            raise GIMRuleError("no GIM rule was set up: build the hooks with fwd_hooks(model) or attach(model) first")
-        if report.missing:
-            raise GIMRuleError(
-                "these GIM rules did not fire (no forward through the hook, or no gradient reached it):\n"
-                + str(GIMReport(report.missing))
-                + "\nRun forward and backward with the hooks attached, and make sure the metric depends on every layer."
-            )
-        return report
+        """Raise :class:`GIMRuleError` if a rule expected in a backpropagated forward pass was not applied,
+        or if no forward pass has had a backward yet; otherwise return the report."""
+        return self.counter.verify()
 
     def reset_counts(self) -> None:
-        self._forward.clear()
-        self._backward.clear()
+        """Forget every count (the hooks stay valid and count again from their next forward)."""
+        self.counter.reset()
 
     # ---- internals ---------------------------------------------------------------------
 
@@ -236,186 +189,3 @@ class GIMHookSet:
                     f"TransformerBridge with cfg.{flag}=True recomputes ln1 per head through HF's norm, bypassing "
                     f"ln1's hook points, so the norm freeze cannot be applied. Call model.{setter}(False), or use a "
                     "HookedTransformer (TL 3.9), whose split inputs keep the hook points.")
-
-    def _counted(self, rule: str, site: str) -> Callable[[], None]:
-        """Register an expected (rule, site) and return the callback its backward calls."""
-        key = (rule, site)
-        if key not in self._expected:
-            self._expected.append(key)
-
-        def fired() -> None:
-            self._backward[key] += 1
-
-        return fired
-
-    def _tsg_hooks(self, layout: ModelLayout, sites: LayerSites) -> list[Hook]:
-        cfg = self.config
-        site = sites.attn
-        fired = self._counted("tsg", site)
-        # q/k gradient normalization rides on TSG's output (GIMConfig.qk_on_scores).
-        qk_factor = cfg.q_scale if cfg.qk_on_scores else 1.0
-        qk_fired = self._counted("grad_norm.qk", f"{site}.hook_attn_scores") if qk_factor != 1.0 else None
-        scores_point = layout.hook_points[f"{site}.hook_attn_scores"]
-        pattern_point = layout.hook_points[f"{site}.hook_pattern"]
-        pending: dict = {}
-
-        def save_scores(scores, hook):
-            if not scores.is_floating_point():
-                raise GIMModelError(f"{site}.hook_attn_scores has dtype {scores.dtype}; GIM needs floating point")
-            pending["scores"] = scores
-            pending["scores_hooks"] = bound_backward_hooks(scores_point)
-            return None
-
-        def tsg_pattern(pattern, hook):
-            scores = pending.pop("scores", None)
-            scores_hooks = pending.pop("scores_hooks", [])
-            if scores is None:
-                raise GIMModelError(
-                    f"{site}.hook_attn_scores did not fire before {site}.hook_pattern, so TSG has no scores. "
-                    "This happens with TransformerBridge.boot_native models, whose hook_attn_scores is a copy of the "
-                    "pattern outside the autograd graph: load the model with TransformerBridge.boot_transformers "
-                    "(hf_model=...) or use a HookedTransformer.")
-            if not pattern.requires_grad:
-                return None
-            if not scores.requires_grad or scores.shape != pattern.shape:
-                raise GIMModelError(
-                    f"{site}.hook_attn_scores is not the autograd input of the softmax behind {site}.hook_pattern "
-                    f"(requires_grad={scores.requires_grad}, shapes {tuple(scores.shape)} vs {tuple(pattern.shape)}); "
-                    "TSG cannot be placed. Use a boot_transformers bridge or a HookedTransformer.")
-            keep_scores = cfg.tsg_source == "scores" or (cfg.tsg_source == "auto" and pattern.dtype == torch.float16)
-            pattern_hooks = bound_backward_hooks(pattern_point)
-
-            def map_grad_pattern(grad):
-                return run_backward_hooks(pattern_point, pattern_hooks, grad)
-
-            def map_grad_scores(grad):
-                fired()
-                if qk_fired is None:
-                    return run_backward_hooks(scores_point, scores_hooks, grad)
-                qk_fired()
-                if scores_hooks:  # they may keep the tensor they saw: scale a copy
-                    return run_backward_hooks(scores_point, scores_hooks, grad) * qk_factor
-                return grad.mul_(qk_factor)  # TSG's own fresh buffer, seen by nobody
-
-            self._forward[("tsg", site)] += 1
-            if qk_fired is not None:
-                self._forward[("grad_norm.qk", f"{site}.hook_attn_scores")] += 1
-            return rules.apply_tsg(scores, pattern, cfg.temperature, keep_scores=keep_scores,
-                                   use_triton=cfg.use_triton,
-                                   map_grad_pattern=map_grad_pattern if pattern_hooks else None,
-                                   map_grad_scores=map_grad_scores)
-
-        return [(f"{site}.hook_attn_scores", save_scores), (f"{site}.hook_pattern", tsg_pattern)]
-
-    def _scale_hook(self, rule: str, name: str, factor: float) -> Hook:
-        fired = self._counted(rule, name)
-
-        def scale(x, hook):
-            if not x.requires_grad:
-                return None
-            self._forward[(rule, name)] += 1
-            return rules.scale_grad(x, factor, fired)
-
-        return (name, scale)
-
-    def _grad_norm_hooks(self, sites: LayerSites) -> list[Hook]:
-        cfg = self.config
-        hooks = []
-        if not cfg.qk_on_scores:
-            hooks += [self._scale_hook(f"grad_norm.{p}", f"{sites.attn}.hook_{p}", getattr(cfg, f"{p}_scale"))
-                      for p in ("q", "k")]
-        elif not cfg.tsg and cfg.q_scale != 1.0:  # with TSG on, TSG's backward applies it
-            hooks.append(self._scale_hook("grad_norm.qk", f"{sites.attn}.hook_attn_scores", cfg.q_scale))
-        hooks.append(self._scale_hook("grad_norm.v", f"{sites.attn}.hook_v", cfg.v_scale))
-        if sites.gated_mlp and cfg.gate_up_on_product and sites.product:
-            hooks.append(self._gate_up_hook(sites))
-        elif sites.gated_mlp:
-            hooks.append(self._scale_hook("grad_norm.gate", f"{sites.mlp}.hook_pre", cfg.gate_scale))
-            hooks.append(self._scale_hook("grad_norm.up", f"{sites.mlp}.hook_pre_linear", cfg.up_scale))
-        return hooks
-
-    def _gate_up_hook(self, sites: LayerSites) -> Hook:
-        """Gate and up ×s at once, on the node of ``act(gate) · up`` behind ``mlp.hook_post``
-        (``GIMConfig.gate_up_on_product``); a hook at hook_post sees the gradient before it."""
-        name = f"{sites.mlp}.hook_post"
-        fired = self._counted("grad_norm.gate_up", name)
-        factor = self.config.gate_scale
-
-        def scale_product(post, hook):
-            if not post.requires_grad:
-                return None
-            node = rules.product_node(post, sites.product)
-            if node is None:
-                found = None if post.grad_fn is None else post.grad_fn.name()
-                raise GIMModelError(
-                    f"{name} is not act(gate) · up here (its autograd node is {found}, expected {sites.product[0]}), "
-                    "so GIM cannot scale the gate and up gradients there. A forward hook that ran before GIM's may "
-                    "have replaced it: attach GIM's hooks before hooks that edit mlp.hook_post.")
-            self._forward[("grad_norm.gate_up", name)] += 1
-            rules.scale_node_grad(node, factor, fired)
-            return None
-
-        return (name, scale_product)
-
-    def _freeze_hooks(self, layout: ModelLayout, norm: NormSite) -> list[Hook]:
-        site = norm.prefix
-        fired = self._counted("freeze_norm", site)
-        if norm.strategy == "detach":
-            def detach_scale(scale, hook):
-                if not scale.requires_grad:
-                    return None
-                self._forward[("freeze_norm", site)] += 1
-                return rules.freeze_scale(scale)
-
-            def count_backward(normalized, hook):  # the frozen norm's backward runs through here
-                if normalized.requires_grad:
-                    rules.capture_grad(normalized, lambda g: fired())
-
-            return [(f"{site}.hook_scale", detach_scale), (f"{site}.hook_normalized", count_backward)]
-
-        # Bridge: the norm runs HF's module. "cut": its statistic's node gets no gradient. "replace" (a fused
-        # kernel, or a graph unlike the probe's): a Function at its output replaces its whole backward.
-        in_point = layout.hook_points[f"{site}.hook_in"]
-        pending: dict = {}
-
-        def at_input(x, hook):
-            pending["x"] = x
-            pending["hooks"] = bound_backward_hooks(in_point)
-
-        def at_output(y, hook):
-            x, in_hooks = pending.pop("x", None), pending.pop("hooks", [])
-            if x is None or not y.requires_grad:
-                return None
-            self._forward[("freeze_norm", site)] += 1
-            if norm.strategy == "cut":
-                node = rules.graph_node(y.grad_fn, norm.cut_path, norm.cut_names)
-                if node is not None:
-                    rules.drop_gradient(node, fired)
-                    return None
-
-            def map_grad_input(grad):  # the norm's own backward is bypassed: run hook_in's hooks here
-                fired()
-                return run_backward_hooks(in_point, in_hooks, grad) if in_hooks else grad
-
-            return rules.apply_norm_freeze(y, x, norm.weight, norm.bias, weight_offset=norm.weight_offset,
-                                           eps=norm.eps, centered=norm.centered, map_grad_input=map_grad_input)
-
-        return [(f"{site}.hook_in", at_input), (f"{site}.hook_out", at_output)]
-
-
-def bound_backward_hooks(point) -> list[Callable]:
-    """The backward hooks on a HookPoint right now: PyTorch binds this list at forward time."""
-    return list(point._backward_hooks.values())
-
-
-def run_backward_hooks(point, hook_fns: list[Callable], grad: torch.Tensor) -> torch.Tensor:
-    """Run a HookPoint's backward hooks on ``grad`` as PyTorch would (TSG's bypass skips the point).
-
-    Each hook sees the incoming gradient; the last one that returns a tensor sets what flows on.
-    """
-    result = (grad,)
-    for fn in hook_fns:
-        out = fn(point, result, (grad,))
-        if out is not None:
-            result = out
-    return result[0]

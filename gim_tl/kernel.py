@@ -1,4 +1,4 @@
-"""Fused Triton kernel for the TSG backward (``shared/docs/gim_spec.md`` §2.1).
+"""Fused Triton kernel for the TSG backward (:func:`gim_tl.rules.tsg_grad`; GIM, arXiv:2505.17630).
 
 Per attention row, with ``g = ∂L/∂A`` and the re-tempered pattern ``A_T = softmax(S / T)``::
 
@@ -45,7 +45,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from gim_tl.rules import mask_threshold
+from gim_tl.masks import mask_threshold
 
 __all__ = ["triton_available", "tsg_backward", "MAX_FUSED_COLS", "LOOP_BLOCK"]
 
@@ -321,7 +321,8 @@ def tsg_backward(
 ) -> Float[Tensor, "*rows key"]:
     """TSG score gradient ``dS = A_T ⊙ (g − Σ_k A_T,k g_k)``, ``A_T = softmax(S/T)``, fused.
 
-    Same contract as ``gim_tl.rules.tsg_grad_scores_reference``.
+    Computes :func:`gim_tl.rules.tsg_grad` of :func:`gim_tl.rules.tempered_softmax`; same contract as
+    :func:`gim_tl.fast.tsg_grad_scores_torch`.
 
     Args:
         source: scores ``S`` (``source_is_scores=True``; masked keys are ``-inf`` or
@@ -344,7 +345,8 @@ def tsg_backward(
     if source.numel() == 0:
         return torch.empty(source.shape, dtype=torch.float32, device=source.device)
     if not _load_triton():
-        raise RuntimeError("tsg_backward needs triton; use gim_tl.rules.tsg_grad_scores_reference")
+        raise RuntimeError("tsg_backward needs triton (pip install triton); without it use "
+                           "gim_tl.fast.tsg_grad_scores_torch")
     interpret = _interpret_mode()
     if not source.is_cuda and not interpret:
         raise ValueError(

@@ -7,14 +7,14 @@ models. Anything GIM cannot use raises :class:`GIMModelError` naming what is mis
 from __future__ import annotations
 
 import weakref
-from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from gim_tl.rules import drop_gradient, frozen_norm_input_grad, norm_stats
+from gim_tl._internals import ADD_NODE, MUL_NODE, graph_nodes
+from gim_tl.fast import drop_gradient, norm_stats
+from gim_tl.rules import frozen_norm_input_grad
 
 
 class GIMModelError(ValueError):
@@ -32,9 +32,9 @@ class NormSite:
     * ``"detach"``: ``hook_scale`` is in the graph (HookedTransformer): detach it in forward.
     * ``"cut"``: TransformerBridge over an HF norm written in PyTorch ops (Llama's, Gemma's RMSNorm):
       the node that computes its statistic, ``cut_path`` (``next_functions`` indices from the output's
-      node, through nodes named ``cut_names``), gets no gradient (``rules.drop_gradient``).
+      node, through nodes named ``cut_names``), gets no gradient (``fast.drop_gradient``).
     * ``"replace"``: TransformerBridge over a fused norm kernel (``nn.LayerNorm``), whose statistic is no
-      node of the graph: ``rules.apply_norm_freeze`` at ``hook_out`` replaces the norm's backward; it
+      node of the graph: ``fast.apply_norm_freeze`` at ``hook_out`` replaces the norm's backward; it
       needs ``centered``, ``eps``, the parameters and ``weight_offset`` (Gemma's ``1 + w``: 1). A
       ``"cut"`` site whose graph turns out unlike the probe's falls back to it.
     """
@@ -57,7 +57,7 @@ class LayerSites:
     layer: int
     gated_mlp: bool
     #: Gated MLPs whose ``mlp.hook_post`` is ``act(gate) · up`` (+ ``b_in``): the autograd nodes from it to
-    #: the product along first inputs (see ``rules.product_node``); ``()`` where there is no such point.
+    #: the product along first inputs (see ``_internals.product_node``); ``()`` where there is no such point.
     product: tuple[str, ...] = ()
 
     @property
@@ -150,31 +150,15 @@ def _norm_convention(prefix: str, hf_norm: torch.nn.Module, centered: bool, d_mo
 _STATISTIC_NODES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _graph_nodes(root, limit: int = 64) -> Iterator[tuple[tuple[int, ...], tuple[str, ...], object]]:
-    """The nodes below ``root`` (parameters' and inputs' accumulators left out), nearest first, each with
-    its ``next_functions`` path and the names of the nodes on it; at most ``limit``."""
-    queue = deque([((), (), root)])
-    seen = {root}
-    while queue and len(seen) <= limit:
-        path, names, node = queue.popleft()
-        for index, (child, _) in enumerate(node.next_functions):
-            if child is None or child in seen or not child.next_functions:
-                continue
-            seen.add(child)
-            entry = (path + (index,), names + (child.name(),), child)
-            yield entry
-            queue.append(entry)
-
-
 def _statistic_node(
     hf_norm: torch.nn.Module, centered: bool, offset: float, eps: float, d_model: int
 ) -> tuple[tuple[int, ...], tuple[str, ...]] | None:
     """Where ``hf_norm``'s autograd graph computes its statistic, as ``(path, names)`` for
-    :func:`rules.graph_node` from the output's node; None for a fused kernel (no such node).
+    :func:`gim_tl._internals.graph_node` from the output's node; None for a fused kernel (no such node).
 
     Found on a probe by dropping the gradient of each node of the norm's graph in turn, nearest the
     output first: the statistic's node is the first whose cut leaves exactly the frozen-statistic input
-    gradient (:func:`rules.frozen_norm_input_grad`, the formula ``FrozenNorm`` uses). The probe's output
+    gradient (:func:`gim_tl.rules.frozen_norm_input_grad`, the norm-freeze rule). The probe's output
     gradient is aligned with ``x``, where the statistic's share of the plain gradient is as large as the
     rest, so a cut elsewhere cannot pass for it.
     """
@@ -201,7 +185,7 @@ def _statistic_node(
 
     result = None
     if not matches(torch.autograd.grad(y, x, grad_y, retain_graph=True)[0]):
-        for path, names, node in _graph_nodes(y.grad_fn):
+        for path, names, node in graph_nodes(y.grad_fn):
             handle = drop_gradient(node)
             try:
                 grad = torch.autograd.grad(y, x, grad_y, retain_graph=True, allow_unused=True)[0]
@@ -254,13 +238,13 @@ def discover(model, *, norms: bool = True) -> ModelLayout:
             if getattr(hf_attn, "sinks", None) is not None:
                 raise GIMModelError(f"{prefix}.attn has attention sinks: TSG cannot be recomputed from hook_pattern.")
             gated = f"{prefix}.mlp.hook_pre_linear" in hook_points
-            product = ("MulBackward0",)  # HF: down_proj(act(gate_proj(x)) * up_proj(x)), hook_post = down's input
+            product = (MUL_NODE,)  # HF: down_proj(act(gate_proj(x)) * up_proj(x)), hook_post = down's input
         else:
             gated = bool(cfg.gated_mlp)
             if gated:
                 _require(model, hook_points, [f"{prefix}.mlp.hook_pre_linear"], f"the gated MLP of layer {layer}")
             # TL's GatedMLP: hook_post(act(pre) * pre_linear + b_in); its LN activations have no product
-            product = () if cfg.is_layer_norm_activation() else ("AddBackward0", "MulBackward0")
+            product = () if cfg.is_layer_norm_activation() else (ADD_NODE, MUL_NODE)
         has_post = f"{prefix}.mlp.hook_post" in hook_points
         layers.append(LayerSites(layer, gated, product if gated and has_post else ()))
 
