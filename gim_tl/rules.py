@@ -57,7 +57,7 @@ def tsg_grad(
 
 
 class TSGSoftmax(torch.autograd.Function):
-    """The attention softmax under TSG. Forward: ``A = softmax(S)`` (fully masked rows 0).
+    """The attention softmax under TSG. Forward: ``A = softmax(S)`` (an all ``-inf`` row: 0, not NaN).
     Backward: :func:`tsg_grad` at ``A_T = softmax(S / T)``, in the scores' dtype."""
 
     @staticmethod
