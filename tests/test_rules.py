@@ -244,7 +244,7 @@ def test_frozen_norm_input_grad_uses_eps():
     x = 0.05 * torch.randn(3, 8, generator=gen)
     g = torch.randn(3, 8, generator=gen)
     for eps in (1e-2, 1e-6):
-        _, (want, *_) = grads_of(lambda x: ref.rms_norm(x, None, eps, freeze=True), x, grad_out=g)
+        _, (want, *_) = grads_of(lambda x, eps=eps: ref.rms_norm(x, None, eps, freeze=True), x, grad_out=g)
         got = rules.frozen_norm_input_grad(g, x, None, eps, centered=False)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
@@ -373,7 +373,8 @@ def test_one_factor_on_the_score_gradient_is_the_q_and_k_factors():
     """``S = q kᵀ · c`` is bilinear: ×s on dS gives q and k exactly what ×s on each of them gives
     (the single ¼ that TSG's backward applies when the q and k factors are equal)."""
     gen = torch.Generator().manual_seed(8)
-    q, k, g = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 5, generator=gen)
+    q, k = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 5, 8, generator=gen)
+    g = torch.randn(2, 5, 5, generator=gen)
     s = 0.25
 
     def scores_scaled_on_branches(q, k):
@@ -416,8 +417,10 @@ def test_scaling_the_products_node_is_the_gate_and_up_factors():
     g = torch.randn(2, 5, generator=gen)
     silu = torch.nn.functional.silu
     for with_bias in (False, True):
-        _, want = grads_of(lambda gate, up, b: silu(rules.scale_grad(gate, 0.25)) * rules.scale_grad(up, 0.25)
-                           + (b if with_bias else 0), gate, up, b, grad_out=g)
+        def by_rule(gate, up, b, with_bias=with_bias):
+            return silu(rules.scale_grad(gate, 0.25)) * rules.scale_grad(up, 0.25) + (b if with_bias else 0)
+
+        _, want = grads_of(by_rule, gate, up, b, grad_out=g)
         leaves = [t.clone().requires_grad_(True) for t in (gate, up, b)]
         post = silu(leaves[0]) * leaves[1]
         if with_bias:
