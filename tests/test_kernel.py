@@ -1,4 +1,4 @@
-"""The fused Triton TSG kernel (``gim_tl.kernel``) against the PyTorch reference and autograd.
+"""The fused Triton TSG kernel (``gim_tl.kernel``) against the TSG rule (``gim_tl.rules``) and autograd.
 
 Runs on the CPU through triton's interpreter: ``TRITON_INTERPRET=1`` must be set before triton
 is imported, hence the first lines. Shapes are small; the looped (long-row) path is exercised
@@ -20,14 +20,15 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed (pip install triton); the fused TSG kernel needs it",
                 allow_module_level=True)
 
-from gim_tl import kernel  # noqa: E402
-from gim_tl.rules import tempered_pattern, tsg_grad_scores_reference  # noqa: E402
+from gim_tl import kernel, rules  # noqa: E402
+from gim_tl.fast import tempered_pattern  # noqa: E402
 
 # triton.language imported before the line above set TRITON_INTERPRET (e.g. by conftest pulling in
 # transformer_lens 3.9, which imports triton) cannot run kernels on the CPU in this process.
 INTERPRETER_READY = torch.cuda.is_available() or (kernel._load_triton() and kernel._interpreter_ready())
 #: Tests that launch no kernel in this process: they run even when the interpreter is not ready.
-NO_LAUNCH = {"test_import_without_triton_does_not_fail", "test_validation_errors",
+NO_LAUNCH = {"test_import_without_triton_does_not_fail", "test_triton_available_follows_device_and_interpreter",
+             "test_validation_errors",
              "test_cpu_tensors_need_interpreter", "test_empty", "test_kernels_compile_for_sm90"}
 
 
@@ -68,11 +69,23 @@ def assert_close_rel(actual, expected, rtol=1e-5):
     torch.testing.assert_close(actual, expected.float(), rtol=rtol, atol=rtol * scale.item())
 
 
+def tsg_rule(source, grad, temperature, *, source_is_scores, row_valid=None):
+    """The readable rule, ``rules.tsg_grad`` at ``A_T``: ``rules.tempered_softmax`` of the scores, or from a
+    pattern ``A^(1/T) / Σ A^(1/T)`` written out in float64; rows where ``row_valid`` is False get 0."""
+    if source_is_scores:
+        a_t = rules.tempered_softmax(source, temperature)
+    else:
+        weights = source.double().clamp_min(0) ** (1 / temperature)
+        a_t = (weights / weights.sum(-1, keepdim=True)).nan_to_num(0.0).float()
+    d_scores = rules.tsg_grad(a_t, grad)
+    return d_scores if row_valid is None else d_scores * row_valid.unsqueeze(-1)
+
+
 def run_both(source, grad, temperature, *, source_is_scores, row_valid=None, rtol=1e-5):
+    """The kernel's dS and the rule's, checked equal (relative to the largest entry)."""
     out = kernel.tsg_backward(source, grad, temperature, source_is_scores=source_is_scores,
                               row_valid=row_valid)
-    ref = tsg_grad_scores_reference(source, grad, temperature, source_is_scores=source_is_scores,
-                                    row_valid=row_valid)
+    ref = tsg_rule(source, grad, temperature, source_is_scores=source_is_scores, row_valid=row_valid)
     assert_close_rel(out, ref, rtol)
     return out, ref
 
@@ -82,8 +95,15 @@ def run_both(source, grad, temperature, *, source_is_scores, row_valid=None, rto
 # --------------------------------------------------------------------------------------
 
 
-def test_triton_available_in_interpreter():
-    assert kernel.triton_available()
+@pytest.mark.parametrize("interpret", ["1", "0"])
+def test_triton_available_follows_device_and_interpreter(interpret):
+    """In a fresh process: available with ``TRITON_INTERPRET=1`` set before import, and without it only on CUDA."""
+    env = {**os.environ, "TRITON_INTERPRET": interpret}
+    code = "import torch, gim_tl.kernel as k; print(k.triton_available(), torch.cuda.is_available())"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    available, cuda = res.stdout.split()
+    assert available == ("True" if interpret == "1" else cuda)
 
 
 def test_import_without_triton_does_not_fail():
@@ -314,9 +334,9 @@ def test_matches_autograd_times_temperature(n_keys, temperature):
     assert_close_rel(out[rows], expected[rows].float())
     assert torch.all(out[~rows] == 0)
     if temperature == 1.0:  # T = 1 is the plain softmax backward
-        pattern = scores.softmax(-1)
-        plain = torch._softmax_backward_data(grad, pattern, -1, torch.float32)
-        assert_close_rel(out[rows], plain[rows])
+        leaf = scores.clone().requires_grad_(True)
+        torch.softmax(leaf, -1).backward(grad)
+        assert_close_rel(out[rows], leaf.grad[rows])
 
 
 # --------------------------------------------------------------------------------------
