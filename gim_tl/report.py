@@ -48,11 +48,15 @@ class GIMReport(list):
         return [r for r in self if not r.ok and not r.awaiting_backward]
 
     def __str__(self) -> str:
+        return self.table(self)
+
+    def table(self, rows: list[RuleStatus]) -> str:
+        """``rows`` as a table, with model and pass columns where this report spans several of them."""
         show_model = len({r.model for r in self}) > 1
         show_pass = len({(r.model, r.pass_index) for r in self}) > 1
         lead = (f"{'model':<22} " if show_model else "") + (f"{'pass':>4} " if show_pass else "")
         lines = [f"{lead}{'rule':<16} {'site':<28} {'forward':>7} {'backward':>8}"]
-        for r in self:
+        for r in rows:
             head = (f"{r.model:<22} " if show_model else "") + (f"{r.pass_index:>4} " if show_pass else "")
             note = "" if r.ok else "  (no backward yet)" if r.awaiting_backward else "  <- did not fire"
             lines.append(f"{head}{r.rule:<16} {r.site:<28} {r.forward:>7} {r.backward:>8}{note}")
@@ -188,7 +192,7 @@ class RuleCounter:
         if report.missing:
             raise GIMRuleError(
                 "these GIM rules did not fire (no forward through the hook, or no gradient reached it):\n"
-                + str(GIMReport(report.missing))
+                + report.table(report.missing)
                 + "\nRun forward and backward with the hooks attached, and make sure the metric depends on every layer."
             )
         return report

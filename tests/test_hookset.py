@@ -614,6 +614,109 @@ def test_verify_flags_norms_that_got_no_gradient(model_id):
     assert {"ln_final", "blocks.1.ln1", "blocks.1.ln2"} <= missing, f"reported as applied: {gim.report()}"
 
 
+def metric_backward(model, logits) -> None:
+    (logits * direction_for_test(logits.shape)).sum().backward()
+    model.zero_grad(set_to_none=True)
+
+
+def test_verify_with_one_set_on_two_models():
+    """Counts belong to each model: hooks built for a second model, and its forward, before the first model's
+    backward raise no false alarm, and the report names both models; a rule missing in one model is named."""
+    model_a, model_b = cached_model("bridge", "llama"), cached_model("bridge", "qwen2")
+    tokens = tokens_for_test()
+    gim = GIMHookSet()
+    with model_a.hooks(fwd_hooks=gim.fwd_hooks(model_a)):
+        logits_a = model_a(tokens)
+    with model_b.hooks(fwd_hooks=gim.fwd_hooks(model_b)):
+        logits_b = model_b(tokens)
+    metric_backward(model_a, logits_a)
+    report = gim.verify()
+    waiting = {r.model for r in report if r.awaiting_backward}
+    assert waiting and waiting.isdisjoint({r.model for r in report if r.ok})
+    metric_backward(model_b, logits_b)
+    report = gim.verify()
+    assert len({r.model for r in report}) == 2 and all(r.ok for r in report), str(report)
+    assert {(r.rule, r.site) for r in report} == expected_rules("bridge", "llama", model_a.cfg.n_layers)
+    assert "model" in str(report).splitlines()[0]
+
+    gim.reset_counts()
+    with gim.attach(model_a):
+        metric_backward(model_a, model_a(tokens))
+    backward_from_layer_zero(model_b, gim)
+    with pytest.raises(GIMRuleError, match=r"Qwen2|#2") as error:  # the second model is the one named
+        gim.verify()
+    assert "blocks.1.attn" in str(error.value)
+    assert all(r.model == gim.report().missing[0].model for r in gim.report().missing)
+
+
+@pytest.mark.parametrize("model_id", [MODELS[0], MODELS[len(tm.BRIDGE_FAMILIES)]])
+def test_verify_after_fwd_hooks_is_called_again_before_the_first_backward(model_id):
+    """Building the hooks again (a second attach, run_with_hooks) before the first forward's backward neither
+    wipes that forward's counts nor expects anything of the unused build."""
+    model = cached_model(*model_id)
+    tokens = tokens_for_test()
+    gim = GIMHookSet()
+    with gim.attach(model):
+        logits = model(tokens)
+    gim.fwd_hooks(model)  # built, never run
+    with gim.attach(model):  # built and run, with its own backward later
+        second = model(tokens_for_test(seed=3))
+    metric_backward(model, logits)
+    report = gim.verify()
+    assert {r.pass_index for r in report if r.ok} == {0} and all(r.awaiting_backward for r in report if not r.ok)
+    metric_backward(model, second)
+    assert all(r.ok for r in gim.verify())
+    assert {r.pass_index for r in gim.report()} == {0, 1}
+
+
+@pytest.mark.parametrize("model_id", [MODELS[0], MODELS[len(tm.BRIDGE_FAMILIES)]])
+def test_each_forward_pass_is_judged_on_its_own(model_id):
+    """Two forwards in one attach: a complete backward of the second does not hide the rules that no gradient
+    reached in the first."""
+    model = cached_model(*model_id)
+    gim = GIMHookSet()
+    seen = {}
+    keep = lambda x, hook: seen.__setitem__("resid", x)
+    with gim.attach(model), model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", keep)]):
+        model(tokens_for_test())
+        first = seen["resid"]
+        logits = model(tokens_for_test(seed=4))
+    first.sum().backward()
+    metric_backward(model, logits)
+    with pytest.raises(GIMRuleError, match=r"blocks\.1\.attn"):
+        gim.verify()
+    missing = gim.report().missing
+    assert missing and {r.pass_index for r in missing} == {0}
+    assert all(r.ok for r in gim.report() if r.pass_index == 1)
+
+
+def test_hooks_built_before_reset_counts_count_again():
+    """``add_to`` then ``reset_counts()``: the persistent hooks count into a new pass from their next forward."""
+    model = fresh_model("bridge", "llama")
+    gim = GIMHookSet()
+    gim.add_to(model)
+    try:
+        metric_backward(model, model(tokens_for_test()))
+        gim.reset_counts()
+        with pytest.raises(GIMRuleError, match="no forward pass"):
+            gim.verify()
+        metric_backward(model, model(tokens_for_test()))
+        report = gim.verify()
+    finally:
+        gim.remove_from(model)
+    assert {r.pass_index for r in report} == {0} and all(r.forward == 1 and r.backward == 1 for r in report)
+
+
+def test_forward_order_runs_through_a_layer_then_the_next():
+    from gim_tl.report import forward_order
+
+    sites = ["blocks.0.ln1", "blocks.0.attn.hook_v", "blocks.0.attn", "blocks.0.ln1_post", "blocks.0.ln2",
+             "blocks.0.mlp.hook_post", "blocks.0.ln2_post", "blocks.1.ln1", "blocks.10.attn", "ln_final"]
+    orders = [forward_order(s) for s in sites]
+    assert orders == sorted(orders) and orders[1] == orders[2]
+    assert len(set(orders)) == len(orders) - 1
+
+
 def test_non_transformer_lens_model_is_rejected():
     with pytest.raises(GIMModelError, match="HookedTransformer or TransformerBridge"):
         GIMHookSet().fwd_hooks(nn.Linear(4, 4))
@@ -741,6 +844,7 @@ def bridge_norms_forced_to(strategy: str, monkeypatch) -> list:
     recorded graph no longer matches the model's); returns the list ``apply_norm_freeze`` calls land in."""
     import dataclasses
 
+    import gim_tl.fast as fast
     import gim_tl.hookset as hookset
 
     discover = hookset.discover
@@ -751,14 +855,14 @@ def bridge_norms_forced_to(strategy: str, monkeypatch) -> list:
         return dataclasses.replace(layout, norms=tuple(dataclasses.replace(n, **change) for n in layout.norms))
 
     replaced = []
-    apply_norm_freeze = hookset.rules.apply_norm_freeze
+    apply_norm_freeze = fast.apply_norm_freeze
 
     def counted(*args, **kwargs):
         replaced.append(1)
         return apply_norm_freeze(*args, **kwargs)
 
     monkeypatch.setattr(hookset, "discover", forced)
-    monkeypatch.setattr(hookset.rules, "apply_norm_freeze", counted)
+    monkeypatch.setattr(fast, "apply_norm_freeze", counted)
     return replaced
 
 
