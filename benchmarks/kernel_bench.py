@@ -10,7 +10,7 @@ repeats):
   number of bytes (half read, half written), measured in the same run — the practical roofline;
 * **softmax bwd**: PyTorch's own softmax backward, ``torch._softmax_backward_data`` (what autograd
   runs for ``softmax``; it writes dS in the input dtype, so it moves fewer bytes for bf16);
-* **eager TSG**: ``gim_tl.rules.tsg_grad_scores_reference``, the PyTorch path the kernel replaces;
+* **eager TSG**: ``gim_tl.fast.tsg_grad_scores_torch``, the PyTorch path the kernel replaces;
 * **max err**: ``max|kernel − eager| / max|eager|`` as a correctness check.
 
 A correctness pre-check over odd key lengths (1, 17, 100, 8192, 8193, 20000) runs first and aborts
@@ -87,7 +87,7 @@ def _inputs(batch, heads, seq, dtype, source_is_scores, seed=0):
 
 def _tsg_fp64(source, grad, temperature, *, source_is_scores, row_valid=None):
     """The TSG formula in float64 (the eager reference computes in fp32): the precheck's truth."""
-    from gim_tl.rules import masked_below
+    from gim_tl.masks import masked_below
 
     x = source.double()
     if source_is_scores:
@@ -189,7 +189,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("kernel_bench.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing to measure.")
     from gim_tl import kernel
-    from gim_tl.rules import tsg_grad_scores_reference
+    from gim_tl.fast import tsg_grad_scores_torch as tsg_grad_scores_reference
 
     if not kernel.triton_available():
         sys.exit("kernel_bench.py needs triton (pip install triton); it is not importable here.")

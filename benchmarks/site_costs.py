@@ -3,7 +3,7 @@
 Runs forward+backward passes of SmolLM2-135M-Instruct (TransformerBridge, fp32) with full GIM attached, and
 times each piece of GIM's own work where it runs: the forward hooks (as TL calls them) and the backward parts
 (TSG's backward, the v and gate/up gradient scaling, the norm freeze's dropped node). It wraps the functions of
-:mod:`gim_tl.rules` that the hook set calls with timers, in this process only. Inside a pass a piece
+:mod:`gim_tl.fast` that the hook set calls with timers, in this process only. Inside a pass a piece
 costs several times what the same call costs in a tight loop (the model's matmuls evict the caches between two
 sites), so only an in-pass figure says what a site costs. A no-hook pass and a pass with no-op hooks at the
 same hook points are timed beside it: the difference between them is TL's hook dispatch.
@@ -24,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from overhead import fwd_bwd, load  # noqa: E402
 
-from gim_tl import GIMHookSet, rules  # noqa: E402
+from gim_tl import GIMHookSet, fast  # noqa: E402
 
 TOTALS: collections.Counter = collections.Counter()
 CALLS: collections.Counter = collections.Counter()
@@ -46,11 +46,11 @@ def timed(label: str, fn):
 
 def instrument() -> None:
     """Timers on the backward parts: each wraps the callback a rule registers, not the registration."""
-    backward = rules.TSGSoftmax.backward
-    rules.TSGSoftmax.backward = staticmethod(timed("bwd  TSG (Function backward)", backward))
-    rules.scale_grad = timed_callbacks(rules.scale_grad, "bwd  v ×½ (tensor hook)")
-    rules.scale_node_grad = timed_callbacks(rules.scale_node_grad, "bwd  gate/up ×½ (node pre-hook)")
-    rules.drop_gradient = timed_callbacks(rules.drop_gradient, "bwd  norm freeze (dropped node)")
+    backward = fast.TSGBypass.backward
+    fast.TSGBypass.backward = staticmethod(timed("bwd  TSG (Function backward)", backward))
+    fast.scale_grad_by_hook = timed_callbacks(fast.scale_grad_by_hook, "bwd  v ×½ (tensor hook)")
+    fast.scale_node_grad = timed_callbacks(fast.scale_node_grad, "bwd  gate/up ×½ (node pre-hook)")
+    fast.drop_gradient = timed_callbacks(fast.drop_gradient, "bwd  norm freeze (dropped node)")
 
 
 class _Timed:
@@ -67,7 +67,7 @@ class _Timed:
 
 
 def timed_callbacks(register, label: str):
-    """A rule function (``rules.scale_grad``, ...) whose registered backward callback is timed under ``label``."""
+    """A ``gim_tl.fast`` function (``scale_grad_by_hook``, ...) whose backward callback is timed under ``label``."""
 
     def install(target, *args, **kwargs):
         result = register(_Timed(target, label), *args, **kwargs)

@@ -33,7 +33,7 @@ RULE_NAMES = ("tsg", "freeze_norm", "grad_norm")
 
 @dataclass(frozen=True)
 class Rules:
-    """Which GIM rules the reference applies, with the spec's constants (gim_spec.md §2.5)."""
+    """Which GIM rules the reference applies, with the paper's constants (T = 2, q/k ¼, v/gate/up ½)."""
 
     tsg: bool = False
     freeze_norm: bool = False
