@@ -4,6 +4,8 @@ Every rule is placed in the autograd graph by a forward hook (an *install*) and 
 pass reaches it (an *application*). :class:`RuleCounter` keeps both counts for each forward pass through the
 hooks of each ``fwd_hooks(model)`` call, so that :meth:`RuleCounter.verify` judges each forward pass on its
 own: one set on two models, or a second ``fwd_hooks`` call before the first backward, raises no false alarm.
+A rule installed in a backpropagated pass must have been applied there; every rule of a hook build must have
+been installed in one of its backpropagated passes.
 """
 
 from __future__ import annotations
@@ -168,13 +170,25 @@ class RuleCounter:
         self._pass_numbers.clear()
 
     def report(self) -> GIMReport:
-        """One row per expected (rule, site) of each forward pass since the last reset."""
+        """The rules each forward pass since the last reset installed, with their counts, and, once per hook
+        build, the expected rules that no backpropagated pass of it installed (forward count 0).
+
+        A pass is judged on what it installed, so a partial pass (a model's component called on its own inside
+        the hooks, as EAP does with ln1) is not held to the whole model's rules.
+        """
         rows = GIMReport()
+        builds: dict[int, list[ForwardPass]] = {}
         for p in self._passes:
-            waiting = not p.has_backward
-            rows.extend(RuleStatus(rule, site, p.forward[(rule, site)], p.backward[(rule, site)],
-                                   p.build.model_label, p.index, waiting)
-                        for rule, site in p.build.expected)
+            builds.setdefault(id(p.build), []).append(p)
+        for passes in builds.values():
+            expected = passes[0].build.expected
+            done = [p for p in passes if p.has_backward]
+            installed = {key for p in done for key in p.forward}
+            for p in passes:
+                for rule, site in expected:
+                    if p.forward[(rule, site)] or (done and p is done[0] and (rule, site) not in installed):
+                        rows.append(RuleStatus(rule, site, p.forward[(rule, site)], p.backward[(rule, site)],
+                                               p.build.model_label, p.index, not p.has_backward))
         return rows
 
     def verify(self) -> GIMReport:

@@ -690,6 +690,31 @@ def test_each_forward_pass_is_judged_on_its_own(model_id):
     assert all(r.ok for r in gim.report() if r.pass_index == 1)
 
 
+@pytest.mark.parametrize("model_id", [MODELS[0], MODELS[len(tm.BRIDGE_FAMILIES)]])
+def test_a_component_called_alone_is_judged_on_its_own_rules(model_id):
+    """Inside the hooks, ln1 called on its own (as EAP does to pull gradients back through it) is a pass
+    of its own, held to the rules it installed; a forward that stops before the last layer is flagged for the
+    rules it never installed."""
+    model = cached_model(*model_id)
+    gim = GIMHookSet()
+    with gim.attach(model):
+        metric_backward(model, model(tokens_for_test()))
+        x = torch.randn(2, 3, model.cfg.d_model, requires_grad=True)
+        model.blocks[0].ln1(x).sum().backward()
+    report = gim.verify()
+    alone = [r for r in report if r.pass_index == 1]
+    assert [(r.rule, r.site) for r in alone] == [("freeze_norm", "blocks.0.ln1")] and alone[0].ok
+
+    gim.reset_counts()
+    with gim.attach(model):
+        model(tokens_for_test(), stop_at_layer=1).sum().backward()
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(GIMRuleError, match=r"blocks\.1\.attn"):
+        gim.verify()
+    assert all(r.forward == 0 for r in gim.report().missing)
+    assert {"ln_final", "blocks.1.ln1"} <= {r.site for r in gim.report().missing}
+
+
 def test_hooks_built_before_reset_counts_count_again():
     """``add_to`` then ``reset_counts()``: the persistent hooks count into a new pass from their next forward."""
     model = fresh_model("bridge", "llama")
