@@ -10,6 +10,8 @@ instead of letting a gradient silently change.
 * ``HookPoint._backward_hooks``: where ``nn.Module`` keeps a HookPoint's full backward hooks (TL registers
   its backward hooks with ``register_full_backward_hook``).
 * ``HookPoint.fwd_hooks``: TL's list of the handles of a HookPoint's forward hooks, newest last.
+* ``PretrainedConfig._attn_implementation``: which attention an HF model runs (eager, so TL's attention hooks
+  fire), read, and set directly where ``set_attn_implementation`` is refused (as TransformerLens does).
 """
 
 from __future__ import annotations
@@ -130,3 +132,19 @@ def remove_forward_hook(point, handle) -> None:
     handle.hook.remove()
     if handle in point.fwd_hooks:
         point.fwd_hooks.remove(handle)
+
+
+# --------------------------------------------------------------------------------------
+# transformers: an HF model's attention implementation
+# --------------------------------------------------------------------------------------
+
+
+def use_eager_attention(hf_model) -> None:
+    """Make an HF model run its eager (Python) attention, where TL's attention hooks fire: through the public
+    ``set_attn_implementation`` when the model accepts it, else by the config field TransformerLens sets."""
+    if getattr(hf_model.config, "_attn_implementation", None) == "eager":
+        return
+    try:
+        hf_model.set_attn_implementation("eager")
+    except Exception:  # noqa: BLE001 - fall back to the config switch (what TL does)
+        hf_model.config._attn_implementation = "eager"

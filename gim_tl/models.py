@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 import torch
 
+from gim_tl._internals import use_eager_attention
 from gim_tl.layout import model_kind  # noqa: F401  (re-exported: the loader's callers use it)
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -379,11 +380,7 @@ def _cast_parameters(hf: torch.nn.Module, dtype: torch.dtype) -> None:
 def _prepare_hf(hf: "PreTrainedModel", *, device: str | torch.device, dtype: torch.dtype) -> None:
     """Eval mode, eager attention (so attention hooks fire), requested dtype and device, in place."""
     hf.eval()
-    if getattr(hf.config, "_attn_implementation", None) != "eager":
-        try:
-            hf.set_attn_implementation("eager")
-        except Exception:  # noqa: BLE001 - fall back to the config switch (what TL does)
-            hf.config._attn_implementation = "eager"
+    use_eager_attention(hf)
     _cast_parameters(hf, dtype)
     if not getattr(hf, "hf_device_map", None):
         hf.to(device)

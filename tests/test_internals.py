@@ -121,3 +121,13 @@ def test_permanent_forward_hook_is_the_newest_handle_and_removes_alone():
     internals.remove_forward_hook(model.hook_x, handle)
     model(torch.zeros(1))
     assert calls == ["gim", "user"] and handle not in model.hook_x.fwd_hooks
+
+
+def test_hf_attention_implementation_is_set_to_eager():
+    """An HF model built for SDPA runs eager attention afterwards, read back from the config field."""
+    import tiny_models as tm
+
+    hf = tm.hf_model("llama")
+    hf.config._attn_implementation = "sdpa"
+    internals.use_eager_attention(hf)
+    assert hf.config._attn_implementation == "eager"
