@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -303,3 +304,60 @@ def test_prefix_cached_logits_match_uncached(family):
     # batches without a shared prefix fall back to the uncached path
     other = torch.randint(4, 64, (3, 10), generator=g)
     assert torch.allclose(fn(other), plain(other), atol=1e-5)
+
+
+class _BrokenCacheLM(torch.nn.Module):
+    """An HF causal LM whose KV cache comes back broken: ``empty`` (what a TL 4.3 bridge returns under
+    transformers >= 5.24), ``short`` (one position missing) or ``stale`` (right length, other tokens)."""
+
+    def __init__(self, hf, how: str):
+        super().__init__()
+        self.inner, self.how, self.config = hf, how, hf.config
+
+    def forward(self, input_ids, past_key_values=None, use_cache=False, **kw):
+        if self.how == "stale" and use_cache and past_key_values is None:
+            input_ids = (input_ids + 1) % self.config.vocab_size
+        out = self.inner(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache, **kw)
+        if use_cache and past_key_values is None:
+            if self.how == "empty":
+                out.past_key_values = type(out.past_key_values)()
+            elif self.how == "short":
+                out.past_key_values.crop(-1)
+        return out
+
+
+@pytest.mark.parametrize("how", ["empty", "short", "stale"])
+def test_prefix_cache_that_does_not_hold_the_prefix_falls_back_to_uncached(how):
+    from tiny_models import hf_model
+
+    hf = hf_model("llama")
+    fn = ev.PrefixCachedLogits(_BrokenCacheLM(hf, how), min_prefix=4)
+    g = torch.Generator().manual_seed(3)
+    batch = torch.randint(4, 64, (1, 20), generator=g).repeat(4, 1)
+    batch[torch.arange(4), 12 + torch.arange(4)] = 5  # a shared 12-token prefix
+    with torch.no_grad():
+        truth = torch.stack([hf(input_ids=row[None]).logits[0, -1] for row in batch])  # row by row, no cache
+    with pytest.warns(RuntimeWarning, match="cannot be trusted"):
+        got = fn(batch)
+    assert torch.allclose(got, truth, atol=1e-5)
+    assert not fn.cache_ok
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # warned once: later calls are silently uncached
+        again = fn(batch[:, :18])
+    assert torch.allclose(again, torch.stack([hf(input_ids=r[None]).logits[0, -1] for r in batch[:, :18]]),
+                          atol=1e-5)
+
+
+def test_prefix_cache_that_holds_the_prefix_is_used_without_warning():
+    from tiny_models import hf_model
+
+    hf = hf_model("llama")
+    fn = ev.PrefixCachedLogits(hf, min_prefix=4)
+    batch = torch.randint(4, 64, (1, 20), generator=torch.Generator().manual_seed(3)).repeat(4, 1)
+    batch[torch.arange(4), 12 + torch.arange(4)] = 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = fn(batch)
+    with torch.no_grad():
+        truth = torch.stack([hf(input_ids=row[None]).logits[0, -1] for row in batch])
+    assert torch.allclose(got, truth, atol=1e-5) and fn.cache_ok and fn.prefix_tokens_run == 12
