@@ -544,9 +544,9 @@ def write_report(args, tasks, all_results, sr_summaries, timings, gxi_check, ig_
             "preset here is '+ LN freeze', which freezes every norm.",
             "- IG quality (completeness: |Σ scores − (f(x) − f(x′))| / |f(x) − f(x′)|, median / max over examples): "
             + ", ".join(f"{k} {a:.3f} / {b:.3f}" for k, (a, b) in ig_check.items()) + ".",
-            "- Metrics (`gim_tl.evaluation`, `docs/evaluation.md`): comprehensiveness = mean over k = 1…50 of the score drop "
-            "when the top-k ranked tokens become the space token (C_k = 0 for k > m); sufficiency = mean over "
-            "ρ ∈ {.5,.8,.9,.95,.99} of the drop when the ⌊ρm⌋ lowest-ranked tokens are replaced. "
+            "- Metrics (`gim_tl.evaluation`, `docs/evaluation.md`): comprehensiveness = mean over k = 1…50 of the "
+            "score drop when the top-k ranked tokens become the space token (C_k = 0 for k > m); sufficiency = mean "
+            "over ρ ∈ {.5,.8,.9,.95,.99} of the drop when the ⌊ρm⌋ lowest-ranked tokens are replaced. "
             "m = n − 2 (first and last token never ranked) in the 'full' scope; in the 'text' scope only the "
             "review/statement tokens of the final user turn are ranked and replaced.",
             "- Scorings: **logit** = raw target logit, drops divided by f(x) (examples with f(x) ≤ 0 dropped); "

@@ -1,6 +1,6 @@
 """gim_tl against the GIM authors' package, ``gim-explain``, side by side on one HookedTransformer.
 
-The issue's cost target quotes gim-explain's own figures (1.00–1.01× time). This script measures
+gim-explain reports 1.00–1.01× plain time for itself. This script measures
 both packages on the same machine, model and batches, in one run: SmolLM2-135M-Instruct as a TL 3.9
 ``HookedTransformer`` (fp32), the one TL class gim-explain hooks. Passes of the three modes
 (plain, gim_tl's ``GIMHookSet()``, gim-explain's ``gim.GIM(model)``) are interleaved, the order
