@@ -11,7 +11,7 @@ from gim_tl import self_repair as sr
 
 
 def test_toy_row_by_hand():
-    """Scores (5, 5, 0, 0), readout c = (1, 1, 0, 0): spec §6."""
+    """Scores (5, 5, 0, 0), readout c = (1, 1, 0, 0): the worked row of docs/evaluation.md."""
     eff = sr.row_effects(torch.tensor([[5.0, 5.0, 0.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0, 0.0]]),
                          torch.ones(1, 4, dtype=torch.bool), temperature=2.0)
     e5, e25 = math.exp(5), math.exp(2.5)
