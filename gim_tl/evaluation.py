@@ -1,6 +1,6 @@
 """Faithfulness of token attributions: comprehensiveness, sufficiency, a random baseline, paired tests.
 
-The metrics follow the GIM paper's evaluation code (spec ``gim_spec.md`` §5.3):
+The metrics follow the GIM paper's evaluation protocol (``docs/evaluation.md`` explains each choice):
 
 * the ranking sorts positions ``1 … n−2`` by attribution, descending (first and last token excluded);
   ``b`` is the space token, ``f`` the score of the explained target at the last position;
@@ -32,7 +32,6 @@ import copy
 import hashlib
 import inspect
 import math
-import statistics
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -493,25 +492,23 @@ class MeanCI:
         return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
-def t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t with ``df`` degrees of freedom (scipy if importable, else the
-    Cornish–Fisher expansion around the normal quantile: error < 1e-3 for ``df ≥ 3``)."""
-    if df < 1:
-        raise ValueError("df must be >= 1")
+def scipy_stats():
+    """``scipy.stats``, imported on first use: only the statistics need it, not the metrics or GIM itself."""
     try:
         from scipy import stats
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "gim_tl's statistics (confidence intervals, sign tests, Spearman correlations) need scipy: "
+            "pip install 'gim_tl[evaluation]'  (or: pip install scipy)"
+        ) from err
+    return stats
 
-        return float(stats.t.ppf(p, df))
-    except ImportError:
-        return _t_quantile_expansion(p, df)
 
-
-def _t_quantile_expansion(p: float, df: int) -> float:
-    z = statistics.NormalDist().inv_cdf(p)
-    v = float(df)
-    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
-            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+def t_quantile(p: float, df: int) -> float:
+    """Quantile ``p`` of Student's t with ``df ≥ 1`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    return float(scipy_stats().t.ppf(p, df))
 
 
 def mean_ci(values: Tensor | Sequence[float], level: float = 0.95) -> MeanCI:
@@ -528,25 +525,13 @@ def mean_ci(values: Tensor | Sequence[float], level: float = 0.95) -> MeanCI:
     return MeanCI(mean, mean - half, mean + half, n)
 
 
-def binomial_two_sided_p(k: int, n: int) -> float:
-    """Exact two-sided binomial test of ``k`` successes in ``n`` trials at ``p = ½``:
-    ``min(1, 2 · P(X ≤ min(k, n−k)))``."""
-    if n == 0:
-        return 1.0
-    lo = min(k, n - k)
-    tail = sum(math.comb(n, i) for i in range(lo + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
 def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test p-value (ties already removed)."""
-    try:
-        from scipy import stats
-
-        n = wins + losses
-        return 1.0 if n == 0 else float(stats.binomtest(wins, n, 0.5, alternative="two-sided").pvalue)
-    except ImportError:
-        return binomial_two_sided_p(wins, wins + losses)
+    """Two-sided exact sign test p-value of ``wins`` against ``losses`` (ties already removed): the binomial
+    test of ``wins`` successes in ``wins + losses`` trials at ``p = ½``; 1 when there are no trials."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"wins and losses must be >= 0, got {wins} and {losses}")
+    n = wins + losses
+    return 1.0 if n == 0 else float(scipy_stats().binomtest(wins, n, 0.5, alternative="two-sided").pvalue)
 
 
 @dataclass(frozen=True)

