@@ -124,7 +124,8 @@ def _point_installations(point) -> Iterator[tuple[Installation, bool]]:
 
 def _hook_points(model) -> list:
     seen: dict[int, object] = {}
-    for point in getattr(model, "hook_dict", {}).values():  # not a TL model: layout.discover says so   # bridges list some points under two names (aliases)
+    # Bridges list some points under two names (aliases). Not a TL model: layout.discover says so.
+    for point in getattr(model, "hook_dict", {}).values():
         seen.setdefault(id(point), point)
     return list(seen.values())
 
