@@ -450,6 +450,13 @@ def resolve_token_ids(model, spec: TokenSpec, batch: int, what: str = "target") 
         return None
     if isinstance(spec, (int, str)) or (isinstance(spec, Tensor) and spec.ndim == 0):
         items = [spec] * batch
+    elif isinstance(spec, Tensor) and spec.is_floating_point():
+        raise TypeError(f"{what} must be a token id (int), a one-token string, a list of those, or None; got a "
+                        f"{spec.dtype} tensor. Token ids are integers: pass a LongTensor")
+    elif not isinstance(spec, (Tensor, Sequence)):
+        raise TypeError(f"{what} must be a token id (int), a one-token string, a list of those, or None; got "
+                        f"{type(spec).__name__} {spec!r}" + (f". Did you mean {what}={int(spec)}?"
+                                                             if isinstance(spec, float) and spec.is_integer() else ""))
     else:
         items = list(spec.flatten()) if isinstance(spec, Tensor) else list(spec)
         if len(items) != batch:
