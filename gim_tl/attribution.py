@@ -633,10 +633,11 @@ def integrated_gradients(model, tokens: Int[Tensor, "batch pos"], mask: Bool[Ten
 # --------------------------------------------------------------------------------------
 
 
-def deprecated_progress(progress: bool | None, show_progress: bool | None, where: str) -> bool | None:
-    """The ``progress`` value, accepting the old ``show_progress`` keyword with a DeprecationWarning."""
+def deprecated_progress(progress: bool | None, show_progress: bool | None, where: str,
+                        default: bool | None = None) -> bool | None:
+    """The ``progress`` value (``default`` if None), accepting the old ``show_progress`` with a DeprecationWarning."""
     if show_progress is None:
-        return progress
+        return default if progress is None else progress
     warnings.warn(f"{where}(show_progress=...) is deprecated and will be removed in the next release; "
                   "use progress=...", DeprecationWarning, stacklevel=3)
     if progress is not None and bool(progress) != bool(show_progress):

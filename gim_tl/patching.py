@@ -165,7 +165,11 @@ class PatchingResult:
         return frame
 
     def plot(self, ax=None, *, title: str | None = None):
-        """Heatmap (2-D, diverging colormap centred at 0) or line per layer (1-D); returns the Axes."""
+        """Heatmap (2-D, diverging colormap centred at 0) or line per layer (1-D).
+
+        Returns the matplotlib ``Figure``, as every ``plot()`` in gim_tl does (``fig.axes[0]`` is the plot;
+        ``ax.figure`` when ``ax`` is given). Earlier versions returned the Axes.
+        """
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -193,7 +197,7 @@ class PatchingResult:
         else:
             raise ValueError(f"cannot plot {data.ndim}-D scores {self.axes}: reduce an axis first, e.g. .sum('pos')")
         ax.set_title(title or f"{self.method}: {self.component}")
-        return ax
+        return ax.figure
 
 
 @dataclass
@@ -249,7 +253,7 @@ class EdgeResult:
         return frame
 
     def plot(self, ax=None, *, title: str | None = None):
-        """Heatmap of the score matrix (sources × targets, diverging colormap centred at 0)."""
+        """Heatmap of the score matrix (sources × targets, diverging colormap centred at 0); returns the Figure."""
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -265,7 +269,7 @@ class EdgeResult:
         ax.set_ylabel("source (writer)")
         ax.set_xlabel("target (reader)")
         ax.set_title(title or self.method)
-        return ax
+        return ax.figure
 
 
 # --------------------------------------------------------------------------------------
