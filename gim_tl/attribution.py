@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -45,6 +46,8 @@ ATTACHED_SUFFIX = " (attached set)"
 Prompts = str | Sequence[str] | Tensor
 TokenSpec = int | str | Tensor | Sequence[int | str] | None
 BaselineSpec = str | Tensor
+#: Color scale of a view: one for every row (``"shared"``), or one per row (``"row"``).
+Scale = Literal["shared", "row"]
 
 #: Default for ``progress``: a bar when integrated gradients runs at least this many path points.
 _PROGRESS_MIN_POINTS = 256
@@ -154,29 +157,38 @@ class TokenAttribution:
             return f"{self.label}: {self.explained(0)} = {float(self.metric_values[0]):.3f}{base}"
         return f"{self.label} token attributions{base}"
 
-    @property
-    def _normalize(self) -> views.Normalize:
-        """One example: colors in score units; several: each example scaled to its own max |score|."""
-        return "global" if len(self) == 1 else "row"
+    def _normalize(self, scale: Scale | None = None) -> views.Normalize:
+        """``scale`` None: one example in score units, several each scaled to its own max |score|."""
+        if scale is None:
+            return "global" if len(self) == 1 else "row"
+        return _normalize(scale)
 
     # ---- views -----------------------------------------------------------------------------
 
-    def _repr_html_(self) -> str:
-        return views.html_heatmap(self._blocks(), title=self.title(), normalize=self._normalize,
+    def _repr_html_(self, scale: Scale | None = None) -> str:
+        return views.html_heatmap(self._blocks(), title=self.title(), normalize=self._normalize(scale),
                                   positions=[self.real_positions(i) for i in range(len(self))])
 
-    def to_html(self, path: str | Path | None = None) -> str:
-        """The HTML heatmap (one row per example) as a string; also written to ``path`` as a page."""
-        return _write_html(self._repr_html_(), path, self.title())
+    def to_html(self, path: str | Path | None = None, *, scale: Scale | None = None) -> str:
+        """The HTML heatmap (one row per example) as a string; also written to ``path`` as a page.
 
-    def plot(self, ax=None, *, max_width: float = 100.0):
-        """A matplotlib figure: tokens along x (wrapped), cells colored by score, one strip per example."""
-        return views.heatmap_figure(self._blocks(), title=self.title(with_baseline=False), normalize=self._normalize,
-                                    ax=ax, max_width=max_width, note=_baseline_note([self]))
+        ``scale``: ``"shared"`` (one color scale for all examples), ``"row"`` (each example its own);
+        default: shared for one example, per row for several.
+        """
+        return _write_html(self._repr_html_(scale), path, self.title())
 
-    def save_png(self, path: str | Path, *, dpi: int = 150) -> Path:
+    def plot(self, ax=None, *, max_width: float = 100.0, scale: Scale | None = None):
+        """A matplotlib ``Figure``: tokens along x (wrapped), cells colored by score, one strip per example.
+
+        ``scale`` as in :meth:`to_html`.
+        """
+        return views.heatmap_figure(self._blocks(), title=self.title(with_baseline=False),
+                                    normalize=self._normalize(scale), ax=ax, max_width=max_width,
+                                    note=_baseline_note([self]))
+
+    def save_png(self, path: str | Path, *, dpi: int = 150, scale: Scale | None = None) -> Path:
         """Render :meth:`plot` into a PNG file and return its path."""
-        return _save_png(self.plot(), path, dpi)
+        return _save_png(self.plot(scale=scale), path, dpi)
 
     def to_dataframe(self):
         """pandas DataFrame, long format: one row per real token (example, position, token, token_id, score, ...)."""
@@ -255,26 +267,36 @@ class Comparison:
             return f"{' vs '.join(self.labels)}\n{first.explained(k)} = {float(first.metric_values[k]):.3f}{base}"
         return f"{' vs '.join(self.labels)}: token attributions{base}"
 
-    def _repr_html_(self) -> str:
+    def _repr_html_(self, scale: Scale = "shared") -> str:
         first = self.results[0]
-        return views.html_heatmap([self._block(i) for i in range(len(self))], title=self.title(), normalize="row",
+        return views.html_heatmap([self._block(i) for i in range(len(self))], title=self.title(),
+                                  normalize=_normalize(scale),
                                   positions=[first.real_positions(i) for i in range(len(self))])
 
-    def to_html(self, path: str | Path | None = None) -> str:
-        """HTML: per example, one heatmap row per method (each row scaled to its own max |score|)."""
-        return _write_html(self._repr_html_(), path, self.title())
+    def to_html(self, path: str | Path | None = None, *, scale: Scale = "shared") -> str:
+        """HTML: per example, one heatmap row per method, each token's score under it.
 
-    def plot(self, ax=None, *, example: int | None = None, max_width: float = 100.0):
-        """A figure with one heatmap strip per method over the same tokens; all examples unless ``example``."""
+        ``scale="shared"`` (default): one color scale for every method, so colors compare across rows;
+        ``"row"``: each method's row scaled to its own max |score|. The legend says which.
+        """
+        return _write_html(self._repr_html_(scale), path, self.title())
+
+    def plot(self, ax=None, *, example: int | None = None, max_width: float = 100.0, scale: Scale = "shared"):
+        """A ``Figure`` with one heatmap strip per method over the same tokens; all examples unless ``example``.
+
+        ``scale`` as in :meth:`to_html` (default: one color scale shared by all methods).
+        """
         picks = range(len(self)) if example is None else [example]
         blocks = [self._block(i) for i in picks]
         if example is not None:
             blocks = [views.HeatmapBlock(b.tokens, b.rows) for b in blocks]
-        return views.heatmap_figure(blocks, title=self.title(example, with_baseline=False), normalize="row", ax=ax,
-                                    max_width=max_width, note=_baseline_note(self.results))
+        return views.heatmap_figure(blocks, title=self.title(example, with_baseline=False),
+                                    normalize=_normalize(scale), ax=ax, max_width=max_width,
+                                    note=_baseline_note(self.results))
 
-    def save_png(self, path: str | Path, *, example: int | None = None, dpi: int = 150) -> Path:
-        return _save_png(self.plot(example=example), path, dpi)
+    def save_png(self, path: str | Path, *, example: int | None = None, dpi: int = 150,
+                 scale: Scale = "shared") -> Path:
+        return _save_png(self.plot(example=example, scale=scale), path, dpi)
 
     def to_dataframe(self):
         """pandas DataFrame: one row per real token, one score column per method (named by its label)."""
@@ -315,6 +337,13 @@ def compare(*results: TokenAttribution) -> Comparison:
             continue
         unique.append(r)
     return Comparison(unique)
+
+
+def _normalize(scale: Scale) -> views.Normalize:
+    if scale not in ("shared", "row"):
+        raise ValueError(f"scale must be 'shared' (one color scale for all rows) or 'row' (each row its own), "
+                         f"got {scale!r}")
+    return "global" if scale == "shared" else "row"
 
 
 def _baseline_note(results: Sequence[TokenAttribution]) -> str:
