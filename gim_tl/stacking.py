@@ -114,7 +114,7 @@ def _point_installations(point) -> Iterator[tuple[Installation, bool]]:
 
     TransformerLens (3.9 and 4.x) keeps a ``LensHandle`` per forward hook in ``HookPoint.fwd_hooks``,
     with the callable given to ``add_hook`` as ``user_hook``. This is the only place that reads them;
-    ``tests/test_stacking.py`` fails if a TL upgrade changes either field.
+    the test suite fails loudly if a TL upgrade changes either field.
     """
     for handle in point.fwd_hooks:
         found = installation_of(handle.user_hook)
