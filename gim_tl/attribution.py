@@ -1,6 +1,6 @@
 """Token attributions of one logit: GIM, its ablation presets, gradient × input and integrated gradients.
 
-The explained scalar is the logit of a target token at one position (spec §3.1), or a logit
+The explained scalar is the logit of a target token at one position (as in the GIM paper), or a logit
 difference ``logit[target] − logit[contrast]``. A token's score is
 
     score_i = Σ_d (e_i − e′_i)_d · g̃_i,d
@@ -508,7 +508,7 @@ def baseline_embeddings(model, baseline: BaselineSpec, tokens: Int[Tensor, "batc
                         embeds: Float[Tensor, "batch pos d_model"]) -> tuple[Float[Tensor, "batch pos d_model"], str]:
     """The baseline ``e′`` for every position, and a short name for it.
 
-    ``"space"``: the embedding of the single token ``tokenizer(" ")`` at every position (spec §3.1);
+    ``"space"``: the embedding of the single token ``tokenizer(" ")`` at every position (the GIM paper's baseline);
     ``"pad"``: the pad token's; ``"zero"``: zeros; or a tensor broadcastable to ``[batch, pos, d_model]``.
     """
     shape = embeds.shape
@@ -702,7 +702,7 @@ def attribute_tokens(
             (list/tensor), or None for the model's argmax at ``position``.
         method: a GIM preset (``"gim"``, ``"tsg"``, ... see :data:`METHODS`), ``"grad_x_input"`` (plain
             autograd; ``"plain"`` is its deprecated old name) or ``"integrated_gradients"``.
-        baseline: ``"space"`` (the space token's embedding everywhere; spec §3.1), ``"pad"``, ``"zero"``,
+        baseline: ``"space"`` (the space token's embedding everywhere, as in the GIM paper), ``"pad"``, ``"zero"``,
             or a tensor broadcastable to ``[batch, pos, d_model]``.
         position: which position's logit, counted over real tokens (−1: the last real token).
         contrast: optional second token (same forms as ``target``): explain ``logit[target] − logit[contrast]``.

@@ -26,9 +26,10 @@ Conventions
 
 Composing GIM with other code
     Any gradient code run inside ``hook_set.attach(model)`` (forward *and* backward inside) reads GIM
-    gradients: TransformerLens' own ``transformer_lens.tools.analysis.attribution_patch`` (node
-    granularity) and EAP-IG-style code with its own read-only backward hooks both compose, see
-    ``tests/test_patching.py``. Exception: on a ``TransformerBridge``, TL's split q/k/v inputs
+    gradients (the library's own :func:`atp` / :func:`eap` called there use that set as it is, see
+    :mod:`gim_tl.stacking`): TransformerLens' own ``transformer_lens.tools.analysis.attribution_patch`` (node
+    granularity) and EAP-IG-style code with its own read-only backward hooks both compose (both are
+    tested). Exception: on a ``TransformerBridge``, TL's split q/k/v inputs
     (``set_use_split_qkv_input(True)``, used by TL's *edge*-granularity ``attribution_patch``) re-apply ln1
     per head through the raw HF module, outside ln1's hook points, so GIM's norm freeze cannot act there
     and ``hook_set.verify()`` raises. :func:`eap` therefore derives per-head inputs on bridges itself.
