@@ -720,8 +720,9 @@ def attribute_tokens(
         show_progress: deprecated name of ``progress``.
 
     One GIM set at a time: if a GIM set is already on the model (``gim.add_to(model)``, or inside
-    ``gim.attach(model)``) and it has the rules asked for, it is used as it is and the result's label
-    says "(attached set)"; other rules, ``"grad_x_input"`` and ``"integrated_gradients"`` then raise
+    ``gim.attach(model)``) and it has the rules asked for, it is used as it is (its report/verify counts
+    are reset, then checked after the backward) and the result's label says "(attached set)"; other
+    rules, ``"grad_x_input"`` and ``"integrated_gradients"`` then raise
     :class:`~gim_tl.stacking.GIMStackingError` (they would silently get GIM gradients).
 
     Returns:
