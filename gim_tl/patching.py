@@ -333,6 +333,7 @@ def _gradient_set(model, method: str, hook_set: GIMHookSet | None, where: str
     already on the model is used if it has those rules, else :class:`~gim_tl.stacking.GIMStackingError`.
     """
     stacking.refuse_meta(model)
+    method = stacking.canonical_method(method, stacklevel=4)   # a deprecated name warns at the user's call
     method, run_set = stacking.resolve_method(method, hook_set)
     run_set, attached = stacking.use_or_refuse(model, run_set, f"{where}(method={method!r})")
     return method, run_set, attached

@@ -255,12 +255,13 @@ GRADIENT_METHODS: tuple[str, ...] = (*(name for name in PRESETS if name != "plai
 METHOD_ALIASES: dict[str, str] = {"plain": PLAIN_METHOD}
 
 
-def canonical_method(method: str, known: tuple[str, ...] = GRADIENT_METHODS) -> str:
-    """``method``'s one name: itself, or for a deprecated alias its new name (with a DeprecationWarning)."""
+def canonical_method(method: str, known: tuple[str, ...] = GRADIENT_METHODS, stacklevel: int = 3) -> str:
+    """``method``'s one name: itself, or for a deprecated alias its new name (with a DeprecationWarning
+    attributed ``stacklevel`` frames up: the user's call)."""
     if method in METHOD_ALIASES:
         new = METHOD_ALIASES[method]
         warnings.warn(f"method {method!r} is deprecated and will be removed in the next release; it is the same "
-                      f"method as {new!r}: use that name", DeprecationWarning, stacklevel=3)
+                      f"method as {new!r}: use that name", DeprecationWarning, stacklevel=stacklevel)
         return new
     if method not in known:
         raise ValueError(f"unknown method {method!r}; choose one of {list(known)}")
