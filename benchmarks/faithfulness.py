@@ -198,7 +198,7 @@ def attribute_all(model, ts: TaskSet, methods: list[str], *, ig_steps: int, chun
             kw = dict(target=ts.target_ids[s:s + chunk])
             if m in ("ig", "ig_all"):
                 kw.update(method="integrated_gradients", ig_steps=ig_steps, ig_keep_first=(m == "ig"),
-                          ig_batch_size=16, show_progress=False)
+                          ig_batch_size=16, progress=False)
             else:
                 kw.update(method=m)
             parts.append(attribute_tokens(model, ts.prompts[s:s + chunk], **kw))

@@ -41,6 +41,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from gim_tl.attribution import deprecated_progress
+
 Scoring = Literal["logit", "logprob", "logit_diff"]
 LogitsFn = Callable[[Tensor], Tensor]
 
@@ -354,8 +356,9 @@ def evaluate_faithfulness(
     rhos: Sequence[float] = RHOS,
     batch_size: int = 16,
     cache: dict | None = None,
-    show_progress: bool = True,
+    progress: bool | None = None,
     desc: str = "faithfulness",
+    show_progress: bool | None = None,
 ) -> dict[str, FaithfulnessResult]:
     """Comprehensiveness and sufficiency of ``scores`` for each example, under each scoring.
 
@@ -399,7 +402,7 @@ def evaluate_faithfulness(
     per = {s: {"comp": [], "suff": [], "clean": [], "cc": [], "sc": []} for s in scorings}
     n_elig = []
     iterator = range(batch)
-    if show_progress:
+    if deprecated_progress(progress, show_progress, "evaluate_faithfulness", default=True):
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc=desc, leave=False)

@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gim_tl import rules
+from gim_tl import rules, stacking
 from gim_tl.config import GIMConfig, preset
 from gim_tl.layout import GIMModelError, LayerSites, ModelLayout, NormSite, discover
 
@@ -128,7 +128,9 @@ class GIMHookSet:
     @classmethod
     def preset(cls, name: str, **overrides) -> GIMHookSet:
         """A hook set for a named ablation preset (``"plain"``, ``"tsg"``, ..., ``"gim"``)."""
-        return cls(preset(name), **overrides)
+        hook_set = cls(preset(name), **overrides)
+        hook_set.name = name  # results label themselves by it (gim_tl.stacking.method_of)
+        return hook_set
 
     def __repr__(self) -> str:
         return f"GIMHookSet({self.config})"
@@ -137,6 +139,7 @@ class GIMHookSet:
 
     def fwd_hooks(self, model) -> list[Hook]:
         """TL-native ``(hook_name, fn)`` forward hooks that install every enabled rule."""
+        stacking.check_install(model, self)  # a model GIM can use, with no GIM set on it yet
         layout = discover(model, norms=self.config.freeze_norm)
         self._check_model(model, layout)
         self._expected = []
@@ -154,7 +157,7 @@ class GIMHookSet:
                                     "applied. Pass freeze_norm=False if the model really has no LayerNorm/RMSNorm.")
             for norm in layout.norms:
                 hooks += self._freeze_hooks(layout, norm)
-        return hooks
+        return stacking.mark(self, hooks)
 
     def bwd_hooks(self, model) -> list[Hook]:
         """Always ``[]``: every rule is placed in the autograd graph by a forward hook.
@@ -175,8 +178,6 @@ class GIMHookSet:
     def add_to(self, model) -> GIMHookSet:
         """Attach persistently (TL permanent hooks: they survive ``reset_hooks()`` and
         ``run_with_hooks``). Undo with :meth:`remove_from`."""
-        if id(model) in self._persistent:
-            raise RuntimeError("this GIMHookSet is already attached to this model; call remove_from(model) first")
         handles = []
         hook_points = dict(model.hook_dict)
         for name, fn in self.fwd_hooks(model):

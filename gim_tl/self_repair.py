@@ -36,6 +36,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from gim_tl import stacking
+from gim_tl.attribution import deprecated_progress
 from gim_tl.evaluation import scipy_stats
 
 Readout = Literal["grad", "z"]
@@ -308,7 +310,8 @@ def _saver(store: dict, name: str):
 def self_repair_rows(model, tokens: Sequence[Int[Tensor, " pos"]] | Int[Tensor, "batch pos"],
                      target_ids: Sequence[int] | Int[Tensor, " batch"], *, readout: Readout = "grad",
                      temperature: float = 2.0, layers: Sequence[int] | None = None,
-                     contrast_ids: Sequence[int] | None = None, show_progress: bool = False) -> RowEffects:
+                     contrast_ids: Sequence[int] | None = None, progress: bool | None = None,
+                     show_progress: bool | None = None) -> RowEffects:
     """Run the analysis on every head/query row of every layer, one unpadded example at a time.
 
     ``tokens``: one 1-D tensor per example (or an unpadded ``[batch, pos]`` tensor). The explained scalar
@@ -317,13 +320,14 @@ def self_repair_rows(model, tokens: Sequence[Int[Tensor, " pos"]] | Int[Tensor, 
     """
     if readout not in ("grad", "z"):
         raise ValueError(f"readout must be 'grad' or 'z', got {readout!r}")
+    stacking.use_or_refuse(model, None, "self_repair_rows")   # its g_z must be the plain gradient
     seqs = list(tokens) if not isinstance(tokens, Tensor) or tokens.ndim == 2 else [tokens]
     n_layers = int(model.cfg.n_layers)
     layers = list(range(n_layers)) if layers is None else list(layers)
     device = next(model.parameters()).device
     parts: list[RowEffects] = []
     iterator = enumerate(seqs)
-    if show_progress:
+    if deprecated_progress(progress, show_progress, "self_repair_rows", default=False):
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, total=len(seqs), desc="self-repair")

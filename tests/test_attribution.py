@@ -323,13 +323,13 @@ def test_result_fields_and_indexing():
     assert len(one) == 1 and torch.equal(one.scores[0], got.scores[1]) and one.tokens == [got.tokens[1]]
     with pytest.raises(IndexError):
         got[2]
-    assert set(METHODS) >= {"gim", "plain", "tsg", "grad_x_input", "integrated_gradients"}
+    assert set(METHODS) >= {"gim", "tsg", "grad_x_input", "integrated_gradients"} and "plain" not in METHODS
 
 
 def test_compare_checks_same_prompts():
     model = tiny("bridge:llama")
     a = attribute_tokens(model, TOKENS, TARGET, baseline="zero")
-    b = attribute_tokens(model, TOKENS, TARGET, method="plain", baseline="zero")
+    b = attribute_tokens(model, TOKENS, TARGET, method="grad_x_input", baseline="zero")
     c = compare(a, b)
     assert c.labels == ["GIM", "Gradient × Input"] and len(c) == 2
     other = attribute_tokens(model, TOKENS, 12, baseline="zero")
@@ -410,3 +410,50 @@ def test_smollm2_bridge_and_hooked_agree(smollm2_bridge, smollm2_hooked):
     assert a.target_strs == b.target_strs == [" Paris"]
     torch.testing.assert_close(b.scores, a.scores, atol=BACKEND_ATOL, rtol=0)
     torch.testing.assert_close(b.metric_values, a.metric_values, atol=1e-4, rtol=0)
+
+
+def test_float_target_is_a_clear_type_error():
+    model = tiny("bridge:llama")
+    with pytest.raises(TypeError, match=r"target must be a token id.*got float 3.0\. Did you mean target=3\?"):
+        attribute_tokens(model, TOKENS, 3.0)
+    with pytest.raises(TypeError, match="contrast must be a token id.*float32 tensor"):
+        attribute_tokens(model, TOKENS, 3, contrast=torch.tensor([3.0, 4.0]))
+
+
+def test_plain_is_a_deprecated_name_of_grad_x_input():
+    """One name per method: "plain" still works, warns, and gives the grad_x_input result, labelled as such."""
+    model = tiny("bridge:llama")
+    new = attribute_tokens(model, TOKENS, TARGET, method="grad_x_input", baseline="zero")
+    with pytest.warns(DeprecationWarning, match="'plain' is deprecated.*'grad_x_input'"):
+        old = attribute_tokens(model, TOKENS, TARGET, method="plain", baseline="zero")
+    assert old.method == new.method == "grad_x_input" and torch.equal(old.scores, new.scores)
+    with pytest.warns(UserWarning, match="appears twice with equal scores"):
+        both = compare(new, old)
+    assert both.labels == ["Gradient × Input"]   # not "Gradient × Input (2)"
+
+
+def test_hook_set_names_the_result_and_must_agree_with_method():
+    """hook_set=None means method's set; a given set labels the result by its preset (or "custom")."""
+    model = tiny("bridge:llama")
+    by_name = attribute_tokens(model, TOKENS, TARGET, method="tsg", baseline="zero")
+    by_set = attribute_tokens(model, TOKENS, TARGET, hook_set=GIMHookSet.preset("tsg"), baseline="zero")
+    assert by_name.method == by_set.method == "tsg" and torch.equal(by_name.scores, by_set.scores)
+    custom = attribute_tokens(model, TOKENS, TARGET, hook_set=GIMHookSet(v_scale=0.3), baseline="zero")
+    assert custom.method == "custom" and custom.label == "custom GIM set"
+    plain = attribute_tokens(model, TOKENS, TARGET, hook_set=GIMHookSet.preset("plain"), baseline="zero")
+    assert plain.method == "grad_x_input"
+    with pytest.raises(ValueError, match="disagree"):
+        attribute_tokens(model, TOKENS, TARGET, method="freeze_norm", hook_set=GIMHookSet.preset("tsg"))
+
+
+def test_show_progress_is_a_deprecated_name_of_progress(capsys):
+    model = tiny("bridge:llama")
+    with pytest.warns(DeprecationWarning, match=r"show_progress=\.\.\.\) is deprecated.*progress="):
+        attribute_tokens(model, TOKENS, TARGET, method="integrated_gradients", ig_steps=2, baseline="zero",
+                         show_progress=True)
+    assert "integrated gradients" in capsys.readouterr().err   # the bar was shown
+    attribute_tokens(model, TOKENS, TARGET, method="integrated_gradients", ig_steps=2, baseline="zero", progress=True)
+    assert "integrated gradients" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="disagree"):
+        attribute_tokens(model, TOKENS, TARGET, method="integrated_gradients", ig_steps=2, baseline="zero",
+                         progress=False, show_progress=True)

@@ -53,7 +53,7 @@ def reference_comp_suff(weights_in_rank_order: list[float], clean: float, n_step
 def run(scores, *, stub=None, tokens=TOKENS, **kw):
     stub = stub or LinearStub()
     res = ev.evaluate_faithfulness(stub, tokens[None], torch.as_tensor(scores, dtype=torch.float64)[None],
-                                   [TARGET], baseline_id=SPACE, show_progress=False, **kw)
+                                   [TARGET], baseline_id=SPACE, progress=False, **kw)
     return res, stub
 
 
@@ -130,7 +130,7 @@ def test_logprob_and_logit_diff_scorings():
     stub = LinearStub(contrast=2.0)
     w = WEIGHTS[TOKENS]
     res = ev.evaluate_faithfulness(stub, TOKENS[None], w[None], [TARGET], contrast_ids=[CONTRAST],
-                                   baseline_id=SPACE, show_progress=False)
+                                   baseline_id=SPACE, progress=False)
     assert set(res) == {"logit", "logprob", "logit_diff"}
     # logit_diff = target - 2: the same drops, divided by (21.5 - 2).
     comp, suff = reference_comp_suff([3.0, 2.0, 1.0, 0.5], 21.5 - 2.0)
@@ -161,7 +161,7 @@ def test_left_padding_and_batching_give_per_example_results():
     mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
     scores = torch.stack([w, torch.cat([torch.tensor([99.0, 99.0]), WEIGHTS[short]])])
     res = ev.evaluate_faithfulness(LinearStub(), tokens, scores, [TARGET, TARGET], attention_mask=mask,
-                                   baseline_id=SPACE, show_progress=False, batch_size=3)
+                                   baseline_id=SPACE, progress=False, batch_size=3)
     alone, _ = run(WEIGHTS[short], tokens=short)
     first, _ = run(w)
     assert res["logit"].comprehensiveness[1].item() == pytest.approx(alone["logit"].comprehensiveness.item())
@@ -197,12 +197,12 @@ def test_random_baseline_lies_between_reversed_and_perfect():
     best, _ = run(w, tokens=tokens)
     worst, _ = run(-w, tokens=tokens)
     rand = ev.random_baseline(LinearStub(), tokens[None], [TARGET], baseline_id=SPACE, n_permutations=20,
-                              seed=0, show_progress=False)
+                              seed=0, progress=False)
     for s in ("logit", "logprob"):
         assert worst[s].comprehensiveness.item() < rand[s].comprehensiveness.item() < best[s].comprehensiveness.item()
         assert best[s].sufficiency.item() < rand[s].sufficiency.item() < worst[s].sufficiency.item()
     again = ev.random_baseline(LinearStub(), tokens[None], [TARGET], baseline_id=SPACE, n_permutations=20,
-                               seed=0, show_progress=False)
+                               seed=0, progress=False)
     assert again["logit"].comprehensiveness.item() == rand["logit"].comprehensiveness.item()
 
 
