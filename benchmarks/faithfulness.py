@@ -198,7 +198,7 @@ def attribute_all(model, ts: TaskSet, methods: list[str], *, ig_steps: int, chun
             kw = dict(target=ts.target_ids[s:s + chunk])
             if m in ("ig", "ig_all"):
                 kw.update(method="integrated_gradients", ig_steps=ig_steps, ig_keep_first=(m == "ig"),
-                          ig_batch_size=16, show_progress=False)
+                          ig_batch_size=16, progress=False)
             else:
                 kw.update(method=m)
             parts.append(attribute_tokens(model, ts.prompts[s:s + chunk], **kw))
@@ -544,9 +544,9 @@ def write_report(args, tasks, all_results, sr_summaries, timings, gxi_check, ig_
             "preset here is '+ LN freeze', which freezes every norm.",
             "- IG quality (completeness: |Σ scores − (f(x) − f(x′))| / |f(x) − f(x′)|, median / max over examples): "
             + ", ".join(f"{k} {a:.3f} / {b:.3f}" for k, (a, b) in ig_check.items()) + ".",
-            "- Metrics (`gim_tl.evaluation`, spec §5.3): comprehensiveness = mean over k = 1…50 of the score drop "
-            "when the top-k ranked tokens become the space token (C_k = 0 for k > m); sufficiency = mean over "
-            "ρ ∈ {.5,.8,.9,.95,.99} of the drop when the ⌊ρm⌋ lowest-ranked tokens are replaced. "
+            "- Metrics (`gim_tl.evaluation`, `docs/evaluation.md`): comprehensiveness = mean over k = 1…50 of the "
+            "score drop when the top-k ranked tokens become the space token (C_k = 0 for k > m); sufficiency = mean "
+            "over ρ ∈ {.5,.8,.9,.95,.99} of the drop when the ⌊ρm⌋ lowest-ranked tokens are replaced. "
             "m = n − 2 (first and last token never ranked) in the 'full' scope; in the 'text' scope only the "
             "review/statement tokens of the final user turn are ranked and replaced.",
             "- Scorings: **logit** = raw target logit, drops divided by f(x) (examples with f(x) ≤ 0 dropped); "
@@ -581,7 +581,7 @@ def write_report(args, tasks, all_results, sr_summaries, timings, gxi_check, ig_
         out += ["", "Paired win rates against plain GxI:", ""]
         out += table_wins(res, "plain", [m for m in res if m != "plain"]) + [""]
     if sr_summaries:
-        out += ["## Attention self-repair (spec §6)", "",
+        out += ["## Attention self-repair (`docs/evaluation.md`)", "",
                 "Per head and query row: readout r = g_z (the gradient of the target logit at the head output), "
                 "c_j = r·v_j, p_j = A_j c_j; rows with two keys above "
                 f"{100 * sr.DEFAULT_REL_THRESHOLD:g}% of the example's largest single p are kept; keys j1, j2 "

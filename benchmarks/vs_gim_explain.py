@@ -1,6 +1,6 @@
 """gim_tl against the GIM authors' package, ``gim-explain``, side by side on one HookedTransformer.
 
-The issue's cost target quotes gim-explain's own figures (1.00–1.01× time). This script measures
+gim-explain reports 1.00–1.01× plain time for itself. This script measures
 both packages on the same machine, model and batches, in one run: SmolLM2-135M-Instruct as a TL 3.9
 ``HookedTransformer`` (fp32), the one TL class gim-explain hooks. Passes of the three modes
 (plain, gim_tl's ``GIMHookSet()``, gim-explain's ``gim.GIM(model)``) are interleaved, the order
@@ -11,7 +11,7 @@ for backward, and whether the forward logits are bit-identical to plain.
 What each applies on this model (gim-explain 0.1.4): TSG by patching ``torch.softmax``/``F.softmax``
 globally while its context is open (its softmax Function saves the scores and recomputes the forward
 softmax itself), the norm freeze by detaching ``hook_scale``, q/k/v gradient scales at
-``hook_q/k/v``; it has no gate/up ×½. gim_tl applies all of spec §2, gate/up included.
+``hook_q/k/v``; it has no gate/up ×½. gim_tl applies every rule of ``docs/gim.md``, gate/up included.
 
 Needs the TL 3.9 environment and gim-explain (``pip install --no-deps gim-explain==0.1.4``; it adds
 no dependency beyond torch and numpy). Usage:

@@ -13,10 +13,11 @@ from gim_tl.hookset import GIMHookSet, GIMReport, GIMRuleError, RuleStatus
 from gim_tl.layout import GIMModelError
 from gim_tl.models import load_model
 from gim_tl.patching import activation_patching, atp, eap, logit_diff_metric
+from gim_tl.stacking import GIMStackingError
 
 __all__ = [
-    "GIMConfig", "GIMHookSet", "GIMModelError", "GIMReport", "GIMRuleError", "PRESETS", "PRESET_LABELS",
-    "RuleStatus", "TokenAttribution", "activation_patching", "atp", "attribute_tokens", "compare", "eap",
-    "load_model", "logit_diff_metric", "preset",
+    "GIMConfig", "GIMHookSet", "GIMModelError", "GIMReport", "GIMRuleError", "GIMStackingError", "PRESETS",
+    "PRESET_LABELS", "RuleStatus", "TokenAttribution", "activation_patching", "atp", "attribute_tokens", "compare",
+    "eap", "load_model", "logit_diff_metric", "preset",
 ]
 __version__ = "0.1.0"

@@ -9,7 +9,8 @@ instead of letting a gradient silently change.
 * ``Node.next_functions`` order: the i-th entry is the node of the op's i-th tensor input.
 * ``HookPoint._backward_hooks``: where ``nn.Module`` keeps a HookPoint's full backward hooks (TL registers
   its backward hooks with ``register_full_backward_hook``).
-* ``HookPoint.fwd_hooks``: TL's list of the handles of a HookPoint's forward hooks, newest last.
+* ``HookPoint.fwd_hooks``: TL's list of the handles of a HookPoint's forward hooks, newest last, each a
+  ``LensHandle`` with the callable given to ``add_hook`` (``user_hook``) and ``is_permanent``.
 * ``PretrainedConfig._attn_implementation``: which attention an HF model runs (eager, so TL's attention hooks
   fire), read, and set directly where ``set_attn_implementation`` is refused (as TransformerLens does).
 """
@@ -114,6 +115,11 @@ def hookpoint_backward_hooks(point) -> list[Callable]:
             "backward hooks elsewhere, so gim_tl cannot run them where TSG bypasses a hook point. "
             "Please report this with your torch and transformer_lens versions.")
     return list(hooks.values())
+
+
+def forward_hooks_of(point) -> list[tuple[Callable, bool]]:
+    """The forward hooks on a HookPoint now, as ``(the callable given to add_hook, is_permanent)``."""
+    return [(handle.user_hook, bool(handle.is_permanent)) for handle in point.fwd_hooks]
 
 
 def add_permanent_forward_hook(model, name: str, fn: Callable, point):

@@ -1,6 +1,6 @@
 """Token attributions of one logit: GIM, its ablation presets, gradient × input and integrated gradients.
 
-The explained scalar is the logit of a target token at one position (spec §3.1), or a logit
+The explained scalar is the logit of a target token at one position (as in the GIM paper), or a logit
 difference ``logit[target] − logit[contrast]``. A token's score is
 
     score_i = Σ_d (e_i − e′_i)_d · g̃_i,d
@@ -18,30 +18,38 @@ heatmap in notebooks and renders figures, tables and DataFrames (:mod:`gim_tl.vi
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from gim_tl import views
-from gim_tl.config import PRESET_LABELS, PRESETS
+from gim_tl import stacking, views
+from gim_tl.config import PRESET_LABELS
 from gim_tl.hookset import GIMHookSet
 
-#: Method names :func:`attribute_tokens` accepts: every GIM preset, plus two plain-gradient methods.
-METHODS: tuple[str, ...] = (*PRESETS, "grad_x_input", "integrated_gradients")
+#: Method names :func:`attribute_tokens` accepts: every GIM preset (the rule-free one is called
+#: ``"grad_x_input"``; ``"plain"`` is a deprecated alias of it) and ``"integrated_gradients"``.
+METHODS: tuple[str, ...] = (*stacking.GRADIENT_METHODS, "integrated_gradients")
 
 #: Display names of the methods (the paper's table names for the presets).
 METHOD_LABELS: dict[str, str] = {**PRESET_LABELS, "grad_x_input": "Gradient × Input",
-                                 "integrated_gradients": "Integrated Gradients"}
+                                 "integrated_gradients": "Integrated Gradients", "custom": "custom GIM set"}
+
+#: Suffix of a result's label when it was computed with the GIM set already on the model.
+ATTACHED_SUFFIX = " (attached set)"
 
 Prompts = str | Sequence[str] | Tensor
 TokenSpec = int | str | Tensor | Sequence[int | str] | None
 BaselineSpec = str | Tensor
+#: Color scale of a view: one for every row (``"shared"``), or one per row (``"row"``).
+Scale = Literal["shared", "row"]
 
-#: Default for ``show_progress``: a bar when integrated gradients runs at least this many path points.
+#: Default for ``progress``: a bar when integrated gradients runs at least this many path points.
 _PROGRESS_MIN_POINTS = 256
 
 
@@ -67,9 +75,11 @@ class TokenAttribution:
         target_ids, contrast_ids: ``[batch]`` explained token ids (``contrast_ids`` None without contrast).
         target_strs, contrast_strs: the same, decoded.
         position: ``[batch]`` column index (into ``tokens``) of the position whose logit is explained.
-        method: the method name (see :data:`METHODS`).
+        method: the method name (see :data:`METHODS`; ``"custom"`` for a hook set of no preset).
         metric_values: ``[batch]`` the explained scalar at the real input.
         baseline: a short description of the baseline used.
+        details: method settings (IG steps, ...); ``details["attached_set"]`` is True when the GIM set
+            already on the model was used (see :mod:`gim_tl.stacking`); the label then says so.
     """
 
     tokens: list[list[str]]
@@ -111,7 +121,7 @@ class TokenAttribution:
 
     @property
     def label(self) -> str:
-        return method_label(self.method)
+        return method_label(self.method) + (ATTACHED_SUFFIX if self.details.get("attached_set") else "")
 
     def real_positions(self, i: int) -> list[int]:
         """Column indices of example ``i``'s real (non-padding) tokens."""
@@ -147,29 +157,38 @@ class TokenAttribution:
             return f"{self.label}: {self.explained(0)} = {float(self.metric_values[0]):.3f}{base}"
         return f"{self.label} token attributions{base}"
 
-    @property
-    def _normalize(self) -> views.Normalize:
-        """One example: colors in score units; several: each example scaled to its own max |score|."""
-        return "global" if len(self) == 1 else "row"
+    def _normalize(self, scale: Scale | None = None) -> views.Normalize:
+        """``scale`` None: one example in score units, several each scaled to its own max |score|."""
+        if scale is None:
+            return "global" if len(self) == 1 else "row"
+        return _normalize(scale)
 
     # ---- views -----------------------------------------------------------------------------
 
-    def _repr_html_(self) -> str:
-        return views.html_heatmap(self._blocks(), title=self.title(), normalize=self._normalize,
+    def _repr_html_(self, scale: Scale | None = None) -> str:
+        return views.html_heatmap(self._blocks(), title=self.title(), normalize=self._normalize(scale),
                                   positions=[self.real_positions(i) for i in range(len(self))])
 
-    def to_html(self, path: str | Path | None = None) -> str:
-        """The HTML heatmap (one row per example) as a string; also written to ``path`` as a page."""
-        return _write_html(self._repr_html_(), path, self.title())
+    def to_html(self, path: str | Path | None = None, *, scale: Scale | None = None) -> str:
+        """The HTML heatmap (one row per example) as a string; also written to ``path`` as a page.
 
-    def plot(self, ax=None, *, max_width: float = 100.0):
-        """A matplotlib figure: tokens along x (wrapped), cells colored by score, one strip per example."""
-        return views.heatmap_figure(self._blocks(), title=self.title(with_baseline=False), normalize=self._normalize,
-                                    ax=ax, max_width=max_width, note=_baseline_note([self]))
+        ``scale``: ``"shared"`` (one color scale for all examples), ``"row"`` (each example its own);
+        default: shared for one example, per row for several.
+        """
+        return _write_html(self._repr_html_(scale), path, self.title())
 
-    def save_png(self, path: str | Path, *, dpi: int = 150) -> Path:
+    def plot(self, ax=None, *, max_width: float = 100.0, scale: Scale | None = None):
+        """A matplotlib ``Figure``: tokens along x (wrapped), cells colored by score, one strip per example.
+
+        ``scale`` as in :meth:`to_html`.
+        """
+        return views.heatmap_figure(self._blocks(), title=self.title(with_baseline=False),
+                                    normalize=self._normalize(scale), ax=ax, max_width=max_width,
+                                    note=_baseline_note([self]))
+
+    def save_png(self, path: str | Path, *, dpi: int = 150, scale: Scale | None = None) -> Path:
         """Render :meth:`plot` into a PNG file and return its path."""
-        return _save_png(self.plot(), path, dpi)
+        return _save_png(self.plot(scale=scale), path, dpi)
 
     def to_dataframe(self):
         """pandas DataFrame, long format: one row per real token (example, position, token, token_id, score, ...)."""
@@ -248,26 +267,36 @@ class Comparison:
             return f"{' vs '.join(self.labels)}\n{first.explained(k)} = {float(first.metric_values[k]):.3f}{base}"
         return f"{' vs '.join(self.labels)}: token attributions{base}"
 
-    def _repr_html_(self) -> str:
+    def _repr_html_(self, scale: Scale = "shared") -> str:
         first = self.results[0]
-        return views.html_heatmap([self._block(i) for i in range(len(self))], title=self.title(), normalize="row",
+        return views.html_heatmap([self._block(i) for i in range(len(self))], title=self.title(),
+                                  normalize=_normalize(scale),
                                   positions=[first.real_positions(i) for i in range(len(self))])
 
-    def to_html(self, path: str | Path | None = None) -> str:
-        """HTML: per example, one heatmap row per method (each row scaled to its own max |score|)."""
-        return _write_html(self._repr_html_(), path, self.title())
+    def to_html(self, path: str | Path | None = None, *, scale: Scale = "shared") -> str:
+        """HTML: per example, one heatmap row per method, each token's score under it.
 
-    def plot(self, ax=None, *, example: int | None = None, max_width: float = 100.0):
-        """A figure with one heatmap strip per method over the same tokens; all examples unless ``example``."""
+        ``scale="shared"`` (default): one color scale for every method, so colors compare across rows;
+        ``"row"``: each method's row scaled to its own max |score|. The legend says which.
+        """
+        return _write_html(self._repr_html_(scale), path, self.title())
+
+    def plot(self, ax=None, *, example: int | None = None, max_width: float = 100.0, scale: Scale = "shared"):
+        """A ``Figure`` with one heatmap strip per method over the same tokens; all examples unless ``example``.
+
+        ``scale`` as in :meth:`to_html` (default: one color scale shared by all methods).
+        """
         picks = range(len(self)) if example is None else [example]
         blocks = [self._block(i) for i in picks]
         if example is not None:
             blocks = [views.HeatmapBlock(b.tokens, b.rows) for b in blocks]
-        return views.heatmap_figure(blocks, title=self.title(example, with_baseline=False), normalize="row", ax=ax,
-                                    max_width=max_width, note=_baseline_note(self.results))
+        return views.heatmap_figure(blocks, title=self.title(example, with_baseline=False),
+                                    normalize=_normalize(scale), ax=ax, max_width=max_width,
+                                    note=_baseline_note(self.results))
 
-    def save_png(self, path: str | Path, *, example: int | None = None, dpi: int = 150) -> Path:
-        return _save_png(self.plot(example=example), path, dpi)
+    def save_png(self, path: str | Path, *, example: int | None = None, dpi: int = 150,
+                 scale: Scale = "shared") -> Path:
+        return _save_png(self.plot(example=example, scale=scale), path, dpi)
 
     def to_dataframe(self):
         """pandas DataFrame: one row per real token, one score column per method (named by its label)."""
@@ -299,7 +328,22 @@ def compare(*results: TokenAttribution) -> Comparison:
     for r in results:
         if not isinstance(r, TokenAttribution):
             raise TypeError(f"compare() takes TokenAttribution objects, got {type(r).__name__}")
-    return Comparison(list(results))
+    unique: list[TokenAttribution] = []
+    for r in results:
+        if any(u.label == r.label and u.baseline == r.baseline and u.details == r.details
+               and u.scores.shape == r.scores.shape and torch.equal(u.scores, r.scores) for u in unique):
+            warnings.warn(f"compare(): {r.label} appears twice with equal scores (the same method); shown once",
+                          UserWarning, stacklevel=2)
+            continue
+        unique.append(r)
+    return Comparison(unique)
+
+
+def _normalize(scale: Scale) -> views.Normalize:
+    if scale not in ("shared", "row"):
+        raise ValueError(f"scale must be 'shared' (one color scale for all rows) or 'row' (each row its own), "
+                         f"got {scale!r}")
+    return "global" if scale == "shared" else "row"
 
 
 def _baseline_note(results: Sequence[TokenAttribution]) -> str:
@@ -435,6 +479,13 @@ def resolve_token_ids(model, spec: TokenSpec, batch: int, what: str = "target") 
         return None
     if isinstance(spec, (int, str)) or (isinstance(spec, Tensor) and spec.ndim == 0):
         items = [spec] * batch
+    elif isinstance(spec, Tensor) and spec.is_floating_point():
+        raise TypeError(f"{what} must be a token id (int), a one-token string, a list of those, or None; got a "
+                        f"{spec.dtype} tensor. Token ids are integers: pass a LongTensor")
+    elif not isinstance(spec, (Tensor, Sequence)):
+        raise TypeError(f"{what} must be a token id (int), a one-token string, a list of those, or None; got "
+                        f"{type(spec).__name__} {spec!r}" + (f". Did you mean {what}={int(spec)}?"
+                                                             if isinstance(spec, float) and spec.is_integer() else ""))
     else:
         items = list(spec.flatten()) if isinstance(spec, Tensor) else list(spec)
         if len(items) != batch:
@@ -457,7 +508,7 @@ def baseline_embeddings(model, baseline: BaselineSpec, tokens: Int[Tensor, "batc
                         embeds: Float[Tensor, "batch pos d_model"]) -> tuple[Float[Tensor, "batch pos d_model"], str]:
     """The baseline ``e′`` for every position, and a short name for it.
 
-    ``"space"``: the embedding of the single token ``tokenizer(" ")`` at every position (spec §3.1);
+    ``"space"``: the embedding of the single token ``tokenizer(" ")`` at every position (the GIM paper's baseline);
     ``"pad"``: the pad token's; ``"zero"``: zeros; or a tensor broadcastable to ``[batch, pos, d_model]``.
     """
     shape = embeds.shape
@@ -532,13 +583,14 @@ def _logits_at(model, tokens, mask, cols) -> Float[Tensor, "batch vocab"]:
 def embedding_gradient(model, tokens: Int[Tensor, "batch pos"], mask: Bool[Tensor, "batch pos"],
                        cols: Int[Tensor, " batch"], target: Int[Tensor, " batch"] | None,
                        contrast: Int[Tensor, " batch"] | None, hook_set: GIMHookSet | None,
-                       inject: Float[Tensor, "batch pos d"] | None = None):
+                       inject: Float[Tensor, "batch pos d"] | None = None, attached: bool = False):
     """One forward and one backward: the gradient of the explained scalar w.r.t. ``hook_embed``.
 
     The ``hook_embed`` activation (or ``inject``, if given) becomes a fresh leaf that requires grad,
     and ``torch.autograd.grad`` reads its gradient, so no parameter ``.grad`` is touched. With a
     ``hook_set`` (a non-plain GIM preset), GIM is attached during forward and backward, and
-    ``verify()`` afterwards raises if a rule did not fire.
+    ``verify()`` afterwards raises if a rule did not fire. ``attached=True``: ``hook_set`` is already on
+    the model (see :func:`gim_tl.stacking.use_or_refuse`) and is used as it is, not attached again.
 
     Returns ``(embeds, grads, metric, target)``; ``target`` is the argmax at ``cols`` if None was given.
     """
@@ -555,7 +607,8 @@ def embedding_gradient(model, tokens: Int[Tensor, "batch pos"], mask: Bool[Tenso
     fwd_hooks = [("hook_embed", make_leaf)]
     if hook_set is not None:
         hook_set.reset_counts()
-        fwd_hooks = hook_set.fwd_hooks(model) + fwd_hooks
+        if not attached:
+            fwd_hooks = hook_set.fwd_hooks(model) + fwd_hooks
     with torch.enable_grad(), model.hooks(fwd_hooks=fwd_hooks):
         at = _logits_at(model, tokens, mask, cols)
         if "embed" not in store:
@@ -578,7 +631,7 @@ def integrated_gradients(model, tokens: Int[Tensor, "batch pos"], mask: Bool[Ten
                          cols: Int[Tensor, " batch"], target: Int[Tensor, " batch"],
                          contrast: Int[Tensor, " batch"] | None, embeds: Float[Tensor, "batch pos d"],
                          baseline: Float[Tensor, "batch pos d"], steps: int, batch_size: int,
-                         show_progress: bool) -> Float[Tensor, "batch pos d"]:
+                         progress: bool) -> Float[Tensor, "batch pos d"]:
     """Path-averaged plain gradient along ``e′ + α (e − e′)``, midpoint Riemann sum over ``steps`` points.
 
     All (example, α) pairs are run in chunks of ``batch_size`` forward/backward passes.
@@ -590,7 +643,7 @@ def integrated_gradients(model, tokens: Int[Tensor, "batch pos"], mask: Bool[Ten
     delta = embeds.double() - baseline.double()
     total = torch.zeros(embeds.shape, dtype=torch.float64, device=embeds.device)
     iterator = chunks
-    if show_progress:
+    if progress:
         from tqdm import tqdm
 
         iterator = tqdm(chunks, desc=f"integrated gradients ({steps} steps)", unit="batch", file=sys.stderr)
@@ -609,14 +662,16 @@ def integrated_gradients(model, tokens: Int[Tensor, "batch pos"], mask: Bool[Ten
 # --------------------------------------------------------------------------------------
 
 
-def _hook_set_for(method: str, hook_set: GIMHookSet | None) -> GIMHookSet | None:
-    """The hook set a gradient method runs with; None means plain autograd."""
-    if hook_set is not None:
-        return None if hook_set.config.is_plain else hook_set
-    if method == "grad_x_input":
-        return None
-    config = PRESETS[method]
-    return None if config.is_plain else GIMHookSet(config)
+def deprecated_progress(progress: bool | None, show_progress: bool | None, where: str,
+                        default: bool | None = None) -> bool | None:
+    """The ``progress`` value (``default`` if None), accepting the old ``show_progress`` with a DeprecationWarning."""
+    if show_progress is None:
+        return default if progress is None else progress
+    warnings.warn(f"{where}(show_progress=...) is deprecated and will be removed in the next release; "
+                  "use progress=...", DeprecationWarning, stacklevel=3)
+    if progress is not None and bool(progress) != bool(show_progress):
+        raise ValueError(f"{where}: progress={progress!r} and show_progress={show_progress!r} disagree; give progress")
+    return show_progress
 
 
 def attribute_tokens(
@@ -634,6 +689,7 @@ def attribute_tokens(
     ig_keep_first: bool = True,
     ig_batch_size: int = 16,
     hook_set: GIMHookSet | None = None,
+    progress: bool | None = None,
     show_progress: bool | None = None,
 ) -> TokenAttribution:
     """Attribute one logit (or logit difference) to the prompt's tokens.
@@ -644,9 +700,9 @@ def attribute_tokens(
             token ids ``[batch, pos]`` / ``[pos]`` (then ``attention_mask`` marks real tokens, 1/True).
         target: the explained token: an id, a one-token string (``" Paris"``), one per example
             (list/tensor), or None for the model's argmax at ``position``.
-        method: a GIM preset (``"gim"``, ``"plain"``, ``"tsg"``, ... see :data:`METHODS`),
-            ``"grad_x_input"`` (= ``"plain"``: plain autograd) or ``"integrated_gradients"``.
-        baseline: ``"space"`` (the space token's embedding everywhere; spec §3.1), ``"pad"``, ``"zero"``,
+        method: a GIM preset (``"gim"``, ``"tsg"``, ... see :data:`METHODS`), ``"grad_x_input"`` (plain
+            autograd; ``"plain"`` is its deprecated old name) or ``"integrated_gradients"``.
+        baseline: ``"space"`` (the space token's embedding everywhere, as in the GIM paper), ``"pad"``, ``"zero"``,
             or a tensor broadcastable to ``[batch, pos, d_model]``.
         position: which position's logit, counted over real tokens (−1: the last real token).
         contrast: optional second token (same forms as ``target``): explain ``logit[target] − logit[contrast]``.
@@ -657,21 +713,35 @@ def attribute_tokens(
             with massive first-token activations (an attention sink, |h| ≈ 2e4 on SmolLM2): the model's
             output spikes along the path and the sum does not converge. False gives the textbook path.
         ig_batch_size: path points per forward/backward pass.
-        hook_set: a custom :class:`GIMHookSet` to use instead of ``method``'s preset (gradient methods
-            only; the result keeps ``method`` as its label).
-        show_progress: tqdm bar over IG batches; default on when ``ig_steps × batch ≥ 256`` and stderr is a tty.
+        hook_set: None (as in :func:`~gim_tl.patching.atp` and :func:`~gim_tl.patching.eap`): the set of
+            ``method``. A :class:`GIMHookSet`: its rules instead (gradient methods only; ``method`` left at
+            its default); the result's ``method`` is then the set's preset name, or ``"custom"``.
+        progress: tqdm bar over IG batches; default on when ``ig_steps × batch ≥ 256`` and stderr is a tty.
+        show_progress: deprecated name of ``progress``.
+
+    One GIM set at a time: if a GIM set is already on the model (``gim.add_to(model)``, or inside
+    ``gim.attach(model)``) and it has the rules asked for, it is used as it is (its report/verify counts
+    are reset, then checked after the backward) and the result's label says "(attached set)"; other
+    rules, ``"grad_x_input"`` and ``"integrated_gradients"`` then raise
+    :class:`~gim_tl.stacking.GIMStackingError` (they would silently get GIM gradients).
 
     Returns:
         A :class:`TokenAttribution` (scores on CPU in float32; 0 at padded positions).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-    if method == "integrated_gradients" and hook_set is not None:
-        raise ValueError("integrated_gradients uses plain autograd; hook_set applies to the gradient methods only")
+    progress = deprecated_progress(progress, show_progress, "attribute_tokens")
+    if method == "integrated_gradients":
+        if hook_set is not None:
+            raise ValueError("integrated_gradients uses plain autograd; hook_set applies to the gradient methods only")
+        run_set = None
+    else:
+        method, run_set = stacking.resolve_method(stacking.canonical_method(method, METHODS), hook_set)
     if method == "integrated_gradients" and (not isinstance(ig_steps, int) or ig_steps < 1 or ig_batch_size < 1):
         raise ValueError(f"ig_steps and ig_batch_size must be positive ints, got {ig_steps!r}, {ig_batch_size!r}")
     if getattr(model, "training", False):
         raise ValueError("the model is in training mode (dropout); call model.eval() first")
+    stacking.refuse_meta(model)
+    what = f"attribute_tokens(method={method!r})"
+    run_set, attached = stacking.use_or_refuse(model, run_set, what)
 
     tokens, mask = prepare_tokens(model, prompts, attention_mask, prepend_bos)
     batch = tokens.shape[0]
@@ -686,16 +756,16 @@ def attribute_tokens(
             first = mask.float().argmax(-1)
             rows = torch.arange(batch, device=tokens.device)
             base[rows, first] = embeds[rows, first]
-        if show_progress is None:
-            show_progress = ig_steps * batch >= _PROGRESS_MIN_POINTS and sys.stderr.isatty()
+        if progress is None:
+            progress = ig_steps * batch >= _PROGRESS_MIN_POINTS and sys.stderr.isatty()
         grads = integrated_gradients(model, tokens, mask, cols, target_ids, contrast_ids, embeds, base,
-                                     ig_steps, ig_batch_size, bool(show_progress))
+                                     ig_steps, ig_batch_size, bool(progress))
         details = dict(ig_steps=ig_steps, ig_keep_first=ig_keep_first, ig_rule="midpoint")
     else:
         embeds, grads, metric, target_ids = embedding_gradient(model, tokens, mask, cols, target_ids, contrast_ids,
-                                                               _hook_set_for(method, hook_set))
+                                                               run_set, attached=attached)
         base, base_name = baseline_embeddings(model, baseline, tokens, embeds)
-        details = {}
+        details = {"attached_set": True} if attached else {}
 
     scores = gradient_times_delta(embeds, base, grads).masked_fill(~mask, 0.0)
     token_ids = tokens.cpu()

@@ -3,6 +3,7 @@
     gim-tl explain                                     # SmolLM2, "The capital of France is" → argmax
     gim-tl explain "The capital of France is" --target " Paris" --contrast " Rome"
     gim-tl explain --file prompts.txt --out results/   # one prompt per line, optional "<TAB> target"
+    gim-tl explain "2 + 3 =" --target-id 20            # a target given by token id
 
 Prints a table of per-token scores (one column per method) and writes an HTML heatmap and a PNG.
 User mistakes (a target that is not one token, a missing file, ...) end with a one-line message
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import math
 import os
 import sys
 import warnings
@@ -37,7 +39,7 @@ class Job:
     """One prompt to explain, with its optional target from the prompts file."""
 
     prompt: str
-    target: str | None
+    target: str | int | None
     where: str = ""
 
 
@@ -54,9 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "prediction.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ex.add_argument("prompt", nargs="?", default=None, help=f"the prompt (default: {DEFAULT_PROMPT!r})")
-    ex.add_argument("--target", help="the explained next token, exactly one token (mind the leading space: "
-                                     "' Paris'); default: the model's top prediction")
-    ex.add_argument("--contrast", help="explain logit[target] - logit[contrast] instead of logit[target]")
+    target = ex.add_mutually_exclusive_group()
+    target.add_argument("--target", help="the explained next token as text, exactly one token (mind the leading "
+                                         "space: ' Paris'); default: the model's top prediction")
+    target.add_argument("--target-id", type=int, metavar="ID", help="the explained next token by its token id")
+    contrast = ex.add_mutually_exclusive_group()
+    contrast.add_argument("--contrast", help="explain logit[target] - logit[contrast] instead of logit[target]")
+    contrast.add_argument("--contrast-id", type=int, metavar="ID", help="the contrast token by its token id")
     ex.add_argument("--method", action="append", choices=METHODS, metavar="METHOD",
                     help=f"attribution method, repeatable; one of {', '.join(METHODS)} "
                          f"(default: {' and '.join(DEFAULT_METHODS)})")
@@ -78,8 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_jobs(path: Path, default_target: str | None) -> list[Job]:
+def read_jobs(path: Path, default_target: str | int | None) -> list[Job]:
     """Prompts from a file: one per line, ``prompt<TAB>target`` or just ``prompt``; blank lines skipped."""
+    if path.is_dir():
+        raise UsageError(f"prompts file {str(path)!r} is a directory; give a text file with one prompt per line")
     if not path.is_file():
         raise UsageError(f"prompts file {str(path)!r} does not exist")
     jobs = []
@@ -96,22 +104,77 @@ def read_jobs(path: Path, default_target: str | None) -> list[Job]:
 
 
 def explain_one(model, job: Job, args) -> object:
-    """Every requested method on one prompt, as a :class:`~gim_tl.attribution.Comparison`."""
+    """Every requested method on one prompt, as a :class:`~gim_tl.attribution.Comparison`.
+
+    Warns (stderr) about a text target or contrast that is likely a slip: a number (a token id was
+    probably meant: ``--target-id``) or a word without its leading space when the spaced form is one
+    token and far more likely.
+    """
     from gim_tl.attribution import attribute_tokens, compare
 
     methods = list(dict.fromkeys(args.method or DEFAULT_METHODS))
+    contrast = args.contrast_id if args.contrast_id is not None else args.contrast
+    for flag, value in (("--target", job.target), ("--contrast", contrast)):
+        if isinstance(value, str) and value.strip().isdigit():
+            warn(f"{job.where}{flag} {value!r} is read as text (the token {value!r}); to give token id {value.strip()} "
+                 f"use {flag}-id {value.strip()}")
     results = []
     target = job.target
     for method in methods:
         try:
             result = attribute_tokens(model, job.prompt, target, method=method, baseline=args.baseline,
-                                      position=args.position, contrast=args.contrast, prepend_bos=args.prepend_bos,
+                                      position=args.position, contrast=contrast, prepend_bos=args.prepend_bos,
                                       ig_steps=args.ig_steps, ig_keep_first=not args.ig_full_path)
         except ValueError as err:
-            raise UsageError(f"{job.where}{err}") from err
+            hint = ""
+            for flag, value in (("--target", target), ("--contrast", contrast)):
+                if isinstance(value, str) and value.strip().isdigit() and repr(value) in str(err):
+                    hint = f" To give a token id, use {flag}-id {value.strip()}."
+            raise UsageError(f"{job.where}{err}{hint}") from err
         target = int(result.target_ids[0])  # the first method's argmax: the same token for every method
         results.append(result)
-    return compare(*results)
+    comparison = compare(*results)
+    for flag, value in (("--target", job.target), ("--contrast", contrast)):
+        hint = leading_space_hint(model, comparison, value, flag)
+        if hint:
+            warn(f"{job.where}{hint}")
+    return comparison
+
+
+def warn(message: str) -> None:
+    print(f"gim-tl: warning: {message}", file=sys.stderr)
+
+
+#: A target without its leading space draws a warning when the spaced form is this many times more likely.
+LEADING_SPACE_RATIO = 10.0
+
+
+def leading_space_hint(model, comparison, text, flag: str) -> str | None:
+    """A warning when ``text`` lacks a leading space, ``" " + text`` is one token, and the model finds
+    that token at least :data:`LEADING_SPACE_RATIO` times more likely at the explained position."""
+    tok = getattr(model, "tokenizer", None)
+    if not isinstance(text, str) or not text or text[0].isspace() or tok is None:
+        return None
+    spaced = list(tok(" " + text, add_special_tokens=False)["input_ids"])
+    plain = list(tok(text, add_special_tokens=False)["input_ids"])
+    if len(spaced) != 1 or len(plain) != 1:
+        return None
+    log_probs = next_token_log_probs(model, comparison)
+    ratio = math.exp(float(log_probs[spaced[0]] - log_probs[plain[0]]))
+    if ratio < LEADING_SPACE_RATIO:
+        return None
+    return (f"{flag} {text!r} has no leading space, but {' ' + text!r} is one token and {ratio:.3g}x more likely "
+            f"here; mind the leading space: {flag} {' ' + text!r}")
+
+
+def next_token_log_probs(model, comparison):
+    """Log-probabilities of the next token at the explained position (one forward, no gradient)."""
+    import torch
+
+    first = comparison.results[0]
+    tokens = first.token_ids.to(next(model.parameters()).device)
+    with torch.no_grad():
+        return model(tokens)[0, int(first.position[0])].float().log_softmax(-1).cpu()
 
 
 def top_predictions(model, comparison, k: int = 5) -> str:
@@ -152,10 +215,13 @@ def _png_available(wanted: bool) -> bool:
 def run_explain(args) -> int:
     if args.prompt is not None and args.file is not None:
         raise UsageError("give either a prompt or --file, not both")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("the prompt is empty: give a prompt, or none for the default "
+                         f"{DEFAULT_PROMPT!r}")
     if args.ig_steps < 1:
         raise UsageError("--ig-steps must be at least 1")
-    jobs = read_jobs(args.file, args.target) if args.file is not None else [Job(args.prompt or DEFAULT_PROMPT,
-                                                                                 args.target)]
+    target = args.target_id if args.target_id is not None else args.target
+    jobs = read_jobs(args.file, target) if args.file is not None else [Job(args.prompt or DEFAULT_PROMPT, target)]
     png = _png_available(not args.no_png)
 
     from gim_tl.models import DEFAULT_MODEL, load_model
@@ -185,27 +251,40 @@ def run_explain(args) -> int:
 
     from gim_tl import views
 
-    comparisons = []
-    for job in tqdm(jobs, desc="prompts", unit="prompt", file=sys.stderr):
-        comparisons.append(explain_one(model, job, args))
+    done: list[tuple[int, Job, object]] = []   # (number in the file's order, job, comparison)
+    failed: list[str] = []
+    for n, job in enumerate(tqdm(jobs, desc="prompts", unit="prompt", file=sys.stderr), start=1):
+        try:
+            done.append((n, job, explain_one(model, job, args)))
+        except USER_ERRORS + (UsageError,) as err:  # one bad line must not throw away the others
+            failed.append(str(err))
+    for message in failed:
+        print(f"gim-tl: error: {message}", file=sys.stderr)
+    if not done:
+        print(f"gim-tl: error: none of the {len(jobs)} prompts could be explained; nothing written", file=sys.stderr)
+        return 2
+    comparisons = [c for _, _, c in done]
     width = len(str(len(jobs)))
     written = []
-    for n, comparison in enumerate(comparisons, start=1):
+    for n, _, comparison in done:
         written += write_views(comparison, args.out / f"explain_{n:0{width}d}", png)
-    summary = "".join(f"<h3>{n}. {html.escape(job.prompt)}</h3>{c.to_html()}"
-                      for n, (job, c) in enumerate(zip(jobs, comparisons, strict=True), start=1))
+    summary = "".join(f"<h3>{n}. {html.escape(job.prompt)}</h3>{c.to_html()}" for n, job, c in done)
     (args.out / "summary.html").write_text(views.html_page(summary, "gim-tl explain summary"), encoding="utf-8")
     written.append(args.out / "summary.html")
-    if write_csv(comparisons, args.out / "summary.csv"):
+    if write_csv(comparisons, args.out / "summary.csv", [n for n, _, _ in done]):
         written.append(args.out / "summary.csv")
-    print(summary_table(comparisons))
+    print(summary_table(comparisons, [n for n, _, _ in done]))
     print()
     print(f"wrote {len(written)} files to {args.out}/ (per prompt: explain_N.html/.png; all prompts: "
           f"{', '.join(p.name for p in written[-2:])})")
+    if failed:
+        print(f"gim-tl: error: {len(failed)} of {len(jobs)} prompts failed (see above); the other {len(done)} "
+              "were written", file=sys.stderr)
+        return 2
     return 0
 
 
-def write_csv(comparisons: Sequence, path: Path) -> bool:
+def write_csv(comparisons: Sequence, path: Path, numbers: Sequence[int] | None = None) -> bool:
     """All prompts' scores in one long CSV (a ``prompt`` column, one score column per method); needs pandas."""
     try:
         import pandas as pd
@@ -214,7 +293,8 @@ def write_csv(comparisons: Sequence, path: Path) -> bool:
               file=sys.stderr)
         return False
     frames = []
-    for n, c in enumerate(comparisons, start=1):
+    numbers = list(numbers) if numbers is not None else list(range(1, len(comparisons) + 1))
+    for n, c in zip(numbers, comparisons, strict=True):
         frame = c.to_dataframe().drop(columns=["example"])
         frame.insert(0, "prompt", n)
         frames.append(frame)
@@ -222,11 +302,12 @@ def write_csv(comparisons: Sequence, path: Path) -> bool:
     return True
 
 
-def summary_table(comparisons: Sequence) -> str:
+def summary_table(comparisons: Sequence, numbers: Sequence[int] | None = None) -> str:
     """One line per prompt: the explained token, the explained value, and each method's top-scored token."""
     labels = comparisons[0].labels
+    numbers = list(numbers) if numbers is not None else list(range(1, len(comparisons) + 1))
     lines = [f"{'#':>3}  {'target':<12} {'value':>8}  " + "  ".join(f"{'top token: ' + lab:<24}" for lab in labels)]
-    for n, c in enumerate(comparisons, start=1):
+    for n, c in zip(numbers, comparisons, strict=True):
         first = c.results[0]
         tops = []
         for r in c.results:

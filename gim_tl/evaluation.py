@@ -1,6 +1,6 @@
 """Faithfulness of token attributions: comprehensiveness, sufficiency, a random baseline, paired tests.
 
-The metrics follow the GIM paper's evaluation code (spec ``gim_spec.md`` §5.3):
+The metrics follow the GIM paper's evaluation protocol (``docs/evaluation.md`` explains each choice):
 
 * the ranking sorts positions ``1 … n−2`` by attribution, descending (first and last token excluded);
   ``b`` is the space token, ``f`` the score of the explained target at the last position;
@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import math
-import statistics
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -39,6 +40,8 @@ from typing import Literal
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from gim_tl.attribution import deprecated_progress
 
 Scoring = Literal["logit", "logprob", "logit_diff"]
 LogitsFn = Callable[[Tensor], Tensor]
@@ -98,9 +101,13 @@ class PrefixCachedLogits:
     (all of a chat prompt's system turn and demonstrations when rankings are restricted to the final
     user text). The shared prefix is run once through the HF model with a KV cache, then every row
     runs only its own suffix against a copy of that cache. The last prefix cache is kept and reused
-    (cropped) by later batches of the same example. Works for HF causal LMs whose cache supports
-    ``crop`` / ``batch_repeat_interleave`` (Llama, Qwen2, GPT-2, ...); shorter prefixes than
-    ``min_prefix`` run uncached. Equal to the uncached logits up to float rounding (tested).
+    (cropped) by later batches of the same example. Shorter prefixes than ``min_prefix`` run uncached.
+
+    The cache is checked, never trusted: every prefix cache must hold exactly the prefix's length, and
+    the first cached result is compared with an uncached run of the same row. If either check fails
+    (some transformers/TransformerLens pairs hand back an empty cache from a bridge: transformers ≥ 5.24
+    with TL 4.3, whose attention reads a keyword that transformers renamed), it warns once and runs
+    uncached from then on, so the logits are always the uncached ones up to float rounding.
     """
 
     def __init__(self, model, min_prefix: int = 16):
@@ -108,32 +115,62 @@ class PrefixCachedLogits:
         if not hasattr(hf, "config") or not callable(hf):
             raise TypeError("PrefixCachedLogits needs a TransformerBridge or an HF causal LM")
         self.hf, self.min_prefix = hf, min_prefix
+        # transformers >= 5.24 calls the KV cache `cache` (argument and output); older releases `past_key_values`
+        self._cache_name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
         self._tokens: Tensor | None = None
         self._past = None
+        self._checked = False  # the first cached result was compared with an uncached run
+        self.cache_ok = True  # False once a check failed: every later call runs uncached
         self.prefix_tokens_run = 0
 
-    def __call__(self, tokens: Tensor) -> Tensor:
+    def uncached(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch vocab"]:
+        """The reference path: the whole of every row, no cache."""
         with torch.no_grad():
-            n = tokens.shape[1]
-            same = (tokens == tokens[:1]).all(0).int()
-            common = min(int(same.cumprod(0).sum()), n - 1)
-            if common < self.min_prefix:
-                return self.hf(input_ids=tokens, logits_to_keep=1).logits[:, -1]
+            return self.hf(input_ids=tokens, logits_to_keep=1).logits[:, -1]
+
+    def __call__(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch vocab"]:
+        n = tokens.shape[1]
+        same = (tokens == tokens[:1]).all(0).int()
+        common = min(int(same.cumprod(0).sum()), n - 1)
+        if not self.cache_ok or common < self.min_prefix:
+            return self.uncached(tokens)
+        with torch.no_grad():
             use = self._reusable(tokens[0], common)
             if use is None:
                 self._tokens = tokens[0, :common].clone()
-                self._past = self.hf(input_ids=self._tokens[None], use_cache=True).past_key_values
+                self._past = getattr(self.hf(input_ids=self._tokens[None], use_cache=True), self._cache_name)
                 self.prefix_tokens_run += common
                 use = common
+            held = 0 if self._past is None else self._past.get_seq_length()
+            if held != self._tokens.numel():
+                return self._give_up(tokens, f"the prefix cache holds {held} positions, not the prefix's "
+                                             f"{self._tokens.numel()}")
             past = copy.deepcopy(self._past)
-            if use < past.get_seq_length():
-                past.crop(use - past.get_seq_length())  # negative: drop that many (transformers 4.x and 5.x)
+            if use < held:
+                past.crop(use - held)  # negative: drop that many (transformers 4.x and 5.x)
             past.batch_repeat_interleave(tokens.shape[0])
-            out = self.hf(input_ids=tokens[:, use:], past_key_values=past, use_cache=True, logits_to_keep=1)
-            return out.logits[:, -1]
+            out = self.hf(input_ids=tokens[:, use:], use_cache=True, logits_to_keep=1, **{self._cache_name: past})
+            logits = out.logits[:, -1]
+        if not self._checked:
+            reference = self.uncached(tokens[:1])
+            scale = 1e-4 if logits.dtype == torch.float32 else 2e-2
+            if not torch.allclose(logits[:1].float(), reference.float(), rtol=scale, atol=scale):
+                gap = (logits[:1].float() - reference.float()).abs().max().item()
+                return self._give_up(tokens, f"the first cached logits differ from an uncached run by {gap:.3g}")
+            self._checked = True
+        return logits
 
     def parameters(self):
         return self.hf.parameters()
+
+    def _give_up(self, tokens: Tensor, why: str) -> Tensor:
+        """Warn once, stop caching, and answer this call uncached."""
+        self.cache_ok, self._past, self._tokens = False, None, None
+        warnings.warn(f"PrefixCachedLogits: {why}; this model's KV cache cannot be trusted, so every call now runs "
+                      "uncached (same logits, slower). With TransformerLens 4.3 bridges this happens on "
+                      "transformers >= 5.24; the project's locked versions cache correctly.",
+                      RuntimeWarning, stacklevel=3)
+        return self.uncached(tokens)
 
     def _reusable(self, row: Tensor, common: int) -> int | None:
         """How much of the stored prefix fits ``row`` (None: recompute). A stored prefix shorter than
@@ -319,8 +356,9 @@ def evaluate_faithfulness(
     rhos: Sequence[float] = RHOS,
     batch_size: int = 16,
     cache: dict | None = None,
-    show_progress: bool = True,
+    progress: bool | None = None,
     desc: str = "faithfulness",
+    show_progress: bool | None = None,
 ) -> dict[str, FaithfulnessResult]:
     """Comprehensiveness and sufficiency of ``scores`` for each example, under each scoring.
 
@@ -364,7 +402,7 @@ def evaluate_faithfulness(
     per = {s: {"comp": [], "suff": [], "clean": [], "cc": [], "sc": []} for s in scorings}
     n_elig = []
     iterator = range(batch)
-    if show_progress:
+    if deprecated_progress(progress, show_progress, "evaluate_faithfulness", default=True):
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc=desc, leave=False)
@@ -457,25 +495,23 @@ class MeanCI:
         return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
 
 
-def t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t with ``df`` degrees of freedom (scipy if importable, else the
-    Cornish–Fisher expansion around the normal quantile: error < 1e-3 for ``df ≥ 3``)."""
-    if df < 1:
-        raise ValueError("df must be >= 1")
+def scipy_stats():
+    """``scipy.stats``, imported on first use: only the statistics need it, not the metrics or GIM itself."""
     try:
         from scipy import stats
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "gim_tl's statistics (confidence intervals, sign tests, Spearman correlations) need scipy: "
+            "pip install 'gim_tl[evaluation]'  (or: pip install scipy)"
+        ) from err
+    return stats
 
-        return float(stats.t.ppf(p, df))
-    except ImportError:
-        return _t_quantile_expansion(p, df)
 
-
-def _t_quantile_expansion(p: float, df: int) -> float:
-    z = statistics.NormalDist().inv_cdf(p)
-    v = float(df)
-    return (z + (z**3 + z) / (4 * v) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
-            + (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / (92160 * v**4))
+def t_quantile(p: float, df: int) -> float:
+    """Quantile ``p`` of Student's t with ``df ≥ 1`` degrees of freedom."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    return float(scipy_stats().t.ppf(p, df))
 
 
 def mean_ci(values: Tensor | Sequence[float], level: float = 0.95) -> MeanCI:
@@ -492,25 +528,13 @@ def mean_ci(values: Tensor | Sequence[float], level: float = 0.95) -> MeanCI:
     return MeanCI(mean, mean - half, mean + half, n)
 
 
-def binomial_two_sided_p(k: int, n: int) -> float:
-    """Exact two-sided binomial test of ``k`` successes in ``n`` trials at ``p = ½``:
-    ``min(1, 2 · P(X ≤ min(k, n−k)))``."""
-    if n == 0:
-        return 1.0
-    lo = min(k, n - k)
-    tail = sum(math.comb(n, i) for i in range(lo + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
 def sign_test(wins: int, losses: int) -> float:
-    """Two-sided exact sign test p-value (ties already removed)."""
-    try:
-        from scipy import stats
-
-        n = wins + losses
-        return 1.0 if n == 0 else float(stats.binomtest(wins, n, 0.5, alternative="two-sided").pvalue)
-    except ImportError:
-        return binomial_two_sided_p(wins, wins + losses)
+    """Two-sided exact sign test p-value of ``wins`` against ``losses`` (ties already removed): the binomial
+    test of ``wins`` successes in ``wins + losses`` trials at ``p = ½``; 1 when there are no trials."""
+    if wins < 0 or losses < 0:
+        raise ValueError(f"wins and losses must be >= 0, got {wins} and {losses}")
+    n = wins + losses
+    return 1.0 if n == 0 else float(scipy_stats().binomtest(wins, n, 0.5, alternative="two-sided").pvalue)
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from gim_tl import placement
+from gim_tl import placement, stacking
 from gim_tl._internals import add_permanent_forward_hook, remove_forward_hook
 from gim_tl.config import GIMConfig, preset
 from gim_tl.layout import GIMModelError, ModelLayout, discover
@@ -90,7 +90,9 @@ class GIMHookSet:
     @classmethod
     def preset(cls, name: str, **overrides) -> GIMHookSet:
         """A hook set for a named ablation preset (``"plain"``, ``"tsg"``, ..., ``"gim"``)."""
-        return cls(preset(name), **overrides)
+        hook_set = cls(preset(name), **overrides)
+        hook_set.name = name  # results label themselves by it (gim_tl.stacking.method_of)
+        return hook_set
 
     def __repr__(self) -> str:
         return f"GIMHookSet({self.config})"
@@ -102,6 +104,7 @@ class GIMHookSet:
 
         Every way to attach the set builds its hooks here, once per call.
         """
+        stacking.check_install(model, self)  # a model GIM can use, with no GIM set on it yet
         cfg = self.config
         layout = discover(model, norms=cfg.freeze_norm)
         self._check_model(model, layout)
@@ -118,7 +121,7 @@ class GIMHookSet:
                                     "applied. Pass freeze_norm=False if the model really has no LayerNorm/RMSNorm.")
             for norm in layout.norms:
                 hooks += placement.freeze_norm_hooks(layout, norm, build)
-        return hooks
+        return stacking.mark(self, hooks)
 
     def bwd_hooks(self, model) -> list[Hook]:
         """Always ``[]``: every rule is placed in the autograd graph by a forward hook.
@@ -139,8 +142,6 @@ class GIMHookSet:
     def add_to(self, model) -> GIMHookSet:
         """Attach persistently (TL permanent hooks: they survive ``reset_hooks()`` and
         ``run_with_hooks``). Undo with :meth:`remove_from`."""
-        if id(model) in self._persistent:
-            raise RuntimeError("this GIMHookSet is already attached to this model; call remove_from(model) first")
         hook_points = dict(model.hook_dict)
         handles = []
         for name, fn in self.fwd_hooks(model):

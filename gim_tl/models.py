@@ -25,7 +25,7 @@ Why it exists
 -------------
 TL's own loaders assume Hub access and, for ``HookedTransformer``, a list of official model names (which
 does not include SmolLM2). GIM attribution needs the *same* model as HF, reachable offline, on either
-backend; this module hides the recipes in ``shared/docs/transformerlens_notes.md`` §5 / §7.2 / §7.3.
+backend; this module holds those recipes (``docs/transformerlens.md``, "Loading SmolLM2-135M-Instruct offline").
 
 Conventions
 -----------

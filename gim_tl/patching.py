@@ -26,9 +26,10 @@ Conventions
 
 Composing GIM with other code
     Any gradient code run inside ``hook_set.attach(model)`` (forward *and* backward inside) reads GIM
-    gradients: TransformerLens' own ``transformer_lens.tools.analysis.attribution_patch`` (node
-    granularity) and EAP-IG-style code with its own read-only backward hooks both compose, see
-    ``tests/test_patching.py``. Exception: on a ``TransformerBridge``, TL's split q/k/v inputs
+    gradients (the library's own :func:`atp` / :func:`eap` called there use that set as it is, see
+    :mod:`gim_tl.stacking`): TransformerLens' own ``transformer_lens.tools.analysis.attribution_patch`` (node
+    granularity) and EAP-IG-style code with its own read-only backward hooks both compose (both are
+    tested). Exception: on a ``TransformerBridge``, TL's split q/k/v inputs
     (``set_use_split_qkv_input(True)``, used by TL's *edge*-granularity ``attribution_patch``) re-apply ln1
     per head through the raw HF module, outside ln1's hook points, so GIM's norm freeze cannot act there
     and ``hook_set.verify()`` raises. :func:`eap` therefore derives per-head inputs on bridges itself.
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -46,6 +48,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from gim_tl import stacking
 from gim_tl.config import PRESET_LABELS, PRESETS, GIMConfig
 from gim_tl.hookset import GIMHookSet
 from gim_tl.layout import GIMModelError, model_kind
@@ -163,7 +166,11 @@ class PatchingResult:
         return frame
 
     def plot(self, ax=None, *, title: str | None = None):
-        """Heatmap (2-D, diverging colormap centred at 0) or line per layer (1-D); returns the Axes."""
+        """Heatmap (2-D, diverging colormap centred at 0) or line per layer (1-D).
+
+        Returns the matplotlib ``Figure``, as every ``plot()`` in gim_tl does (``fig.axes[0]`` is the plot;
+        ``ax.figure`` when ``ax`` is given). Earlier versions returned the Axes.
+        """
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -191,7 +198,7 @@ class PatchingResult:
         else:
             raise ValueError(f"cannot plot {data.ndim}-D scores {self.axes}: reduce an axis first, e.g. .sum('pos')")
         ax.set_title(title or f"{self.method}: {self.component}")
-        return ax
+        return ax.figure
 
 
 @dataclass
@@ -247,7 +254,7 @@ class EdgeResult:
         return frame
 
     def plot(self, ax=None, *, title: str | None = None):
-        """Heatmap of the score matrix (sources × targets, diverging colormap centred at 0)."""
+        """Heatmap of the score matrix (sources × targets, diverging colormap centred at 0); returns the Figure."""
         import matplotlib.pyplot as plt
 
         if ax is None:
@@ -263,7 +270,7 @@ class EdgeResult:
         ax.set_ylabel("source (writer)")
         ax.set_xlabel("target (reader)")
         ax.set_title(title or self.method)
-        return ax
+        return ax.figure
 
 
 # --------------------------------------------------------------------------------------
@@ -293,17 +300,43 @@ def _spec(component: str) -> _Spec:
     return _SPECS[component]
 
 
-def method_name(prefix: str, hook_set: GIMHookSet) -> str:
-    """``"AtP-GIM"``, ``"AtP"`` (plain), or ``"AtP (+ LN freeze)"`` etc. for the other presets."""
-    def core(cfg: GIMConfig) -> GIMConfig:
-        return cfg.replace(use_triton=True, tsg_source="auto")
+def method_name(prefix: str, method: str, attached: bool = False) -> str:
+    """The label of a method (see :data:`gim_tl.stacking.GRADIENT_METHODS`): ``"AtP-GIM"``, ``"AtP"``
+    (``"grad_x_input"``: plain gradients), ``"AtP (+ LN freeze)"`` etc. for the other presets,
+    ``"AtP (custom GIM)"``; `` (attached set)`` appended when the GIM set already on the model was used."""
+    if method == "gim":
+        label = f"{prefix}-GIM"
+    elif method == stacking.PLAIN_METHOD:
+        label = prefix
+    elif method in PRESET_LABELS:
+        label = f"{prefix} ({PRESET_LABELS[method]})"
+    else:
+        label = f"{prefix} (custom GIM)"
+    return label + (" (attached set)" if attached else "")
 
-    for name, cfg in PRESETS.items():
-        if core(cfg) == core(hook_set.config):
-            if name in ("gim", "plain"):
-                return f"{prefix}-GIM" if name == "gim" else prefix
-            return f"{prefix} ({PRESET_LABELS[name]})"
-    return f"{prefix} (custom GIM)"
+
+def components_arg(components: str | Sequence[str], where: str) -> tuple[list[str], bool]:
+    """``(component names, single)`` from a name or a sequence of names; ``single`` when one name was given."""
+    if isinstance(components, str):
+        return [components], True
+    if not isinstance(components, Sequence) or not components or not all(isinstance(c, str) for c in components):
+        raise TypeError(f"{where}: components must be a component name or a non-empty sequence of names from "
+                        f"{COMPONENTS}, got {components!r}")
+    return list(components), False
+
+
+def _gradient_set(model, method: str, hook_set: GIMHookSet | None, where: str
+                  ) -> tuple[str, GIMHookSet | None, bool]:
+    """``(method, set to run with or None for plain autograd, whether it is the set already on the model)``.
+
+    ``hook_set=None`` means ``method``'s set, as in :func:`gim_tl.attribution.attribute_tokens`; a set
+    already on the model is used if it has those rules, else :class:`~gim_tl.stacking.GIMStackingError`.
+    """
+    stacking.refuse_meta(model)
+    method = stacking.canonical_method(method, stacklevel=4)   # a deprecated name warns at the user's call
+    method, run_set = stacking.resolve_method(method, hook_set)
+    run_set, attached = stacking.use_or_refuse(model, run_set, f"{where}(method={method!r})")
+    return method, run_set, attached
 
 
 def _check_pair(clean: Tensor, corrupt: Tensor, attention_mask: Tensor | None) -> Tensor | None:
@@ -354,10 +387,12 @@ def _require_fired(store: dict, names: Sequence[str], what: str) -> None:
 
 
 def _clean_run(model, tokens: Tensor, mask: Tensor | None, metric: Metric, act_names: Sequence[str],
-               grad_names: Sequence[str], hook_set: GIMHookSet,
-               after_backward: Callable[[dict, dict], None] | None = None,
+               grad_names: Sequence[str], hook_set: GIMHookSet | None,
+               after_backward: Callable[[dict, dict], None] | None = None, attached: bool = False,
                ) -> tuple[dict[str, Tensor], dict[str, Tensor], float]:
     """Clean forward and backward with ``hook_set`` attached; activations and gradients at the named points.
+
+    ``hook_set`` None: plain autograd. ``attached``: the set is already on the model (used as it is).
 
     The ``hook_embed`` output becomes a fresh leaf so ``torch.autograd.grad`` drives the backward through
     every layer without touching parameter ``.grad``. Gradients are read by read-only backward hooks.
@@ -380,8 +415,9 @@ def _clean_run(model, tokens: Tensor, mask: Tensor | None, metric: Metric, act_n
 
     fwd = [("hook_embed", make_leaf)] + [(n, _caching_hook(acts, n)) for n in act_names]
     bwd = [(n, grad_hook(n)) for n in grad_names]
-    hook_set.reset_counts()
-    attach = contextlib.nullcontext() if hook_set.config.is_plain else hook_set.attach(model)
+    if hook_set is not None:
+        hook_set.reset_counts()
+    attach = contextlib.nullcontext() if hook_set is None or attached else hook_set.attach(model)
     with torch.enable_grad(), attach, model.hooks(fwd_hooks=fwd, bwd_hooks=bwd):
         value = _scalar(metric(_forward(model, tokens, mask)))
         if "embed" not in leaf:
@@ -389,7 +425,7 @@ def _clean_run(model, tokens: Tensor, mask: Tensor | None, metric: Metric, act_n
         torch.autograd.grad(value, [leaf["embed"]])
         if after_backward is not None:
             after_backward(acts, grads)
-    if not hook_set.config.is_plain:
+    if hook_set is not None:
         hook_set.verify()
     _require_fired(acts, act_names, "clean forward")
     _require_fired(grads, grad_names, "backward")
@@ -416,12 +452,13 @@ def atp(
     clean: Int[Tensor, "batch pos"],
     corrupt: Int[Tensor, "batch pos"],
     metric: Metric,
-    components: Sequence[str] = ("attn_head", "mlp_out"),
+    components: str | Sequence[str] = ("attn_head", "mlp_out"),
     *,
+    method: str = "gim",
     hook_set: GIMHookSet | None = None,
     attention_mask: Tensor | None = None,
     per_position: bool = False,
-) -> dict[str, PatchingResult]:
+) -> dict[str, PatchingResult] | PatchingResult:
     """Attribution patching: ``Σ (a_corrupt − a_clean) · ∂metric/∂a`` per component, GIM gradient at the clean run.
 
     Args:
@@ -430,23 +467,31 @@ def atp(
         metric: ``metric(logits [batch, pos, vocab]) -> scalar`` (e.g. :func:`logit_diff_metric`).
         components: any of ``"attn_head"`` (``attn.hook_z``, per layer × head), ``"mlp_neuron"``
             (``mlp.hook_post``, layer × neuron), ``"attn_out"`` / ``"mlp_out"`` (per layer) and
-            ``"resid_pre"`` (``hook_resid_pre``, always per layer × position).
-        hook_set: the gradient rules; None = full GIM, ``GIMHookSet.preset("plain")`` = plain AtP.
+            ``"resid_pre"`` (``hook_resid_pre``, always per layer × position). One name (a string) gives
+            one :class:`PatchingResult`, a sequence a dict, as in :func:`activation_patching`.
+        method: the gradient: ``"gim"`` (default), any GIM preset (``"tsg"``, ...), or ``"grad_x_input"``
+            for plain AtP (``"plain"``: deprecated old name).
+        hook_set: None (as in :func:`~gim_tl.attribution.attribute_tokens`): the set of ``method``; or a
+            :class:`GIMHookSet` whose rules to use instead (``method`` left at its default).
         attention_mask: ``[batch, pos]``, 0 on padding (shared by the clean and corrupt prompts).
         per_position: keep a ``"pos"`` axis (``[layer, pos, head]`` etc.) instead of summing positions.
 
     Returns:
-        ``{component: PatchingResult}``; one forward+backward (clean) and one forward (corrupt) in all.
+        ``{component: PatchingResult}`` (one ``PatchingResult`` if ``components`` is a string); one
+        forward+backward (clean) and one forward (corrupt) in all. With a GIM set already on the model, see
+        :func:`gim_tl.stacking.use_or_refuse`: it is used if it has ``method``'s rules (the label says
+        "(attached set)"), else :class:`~gim_tl.stacking.GIMStackingError`.
     """
-    hook_set = GIMHookSet() if hook_set is None else hook_set
+    names_given, single = components_arg(components, "atp")
+    method, run_set, attached = _gradient_set(model, method, hook_set, "atp")
     mask = _check_pair(clean, corrupt, attention_mask)
-    specs = {c: _spec(c) for c in components}
+    specs = {c: _spec(c) for c in names_given}
     n_layers = int(model.cfg.n_layers)
     names = list(dict.fromkeys(s.hook.format(layer) for s in specs.values() for layer in range(n_layers)))
-    acts, grads, _ = _clean_run(model, clean, mask, metric, names, names, hook_set)
+    acts, grads, _ = _clean_run(model, clean, mask, metric, names, names, run_set, attached=attached)
     corrupt_acts = _cache_activations(model, corrupt, mask, names)
     weights = _position_weights(mask, clean)
-    label = method_name("AtP", hook_set)
+    label = method_name("AtP", method, attached)
     results = {}
     for component, spec in specs.items():
         per_layer = []
@@ -458,7 +503,7 @@ def atp(
         if not per_position and component != "resid_pre":
             scores, axes = scores.sum(1), tuple(a for a in axes if a != "pos")
         results[component] = PatchingResult(scores, axes, component, label)
-    return results
+    return results[names_given[0]] if single else results
 
 
 # --------------------------------------------------------------------------------------
@@ -580,6 +625,7 @@ def eap(
     corrupt: Int[Tensor, "batch pos"],
     metric: Metric,
     *,
+    method: str = "gim",
     hook_set: GIMHookSet | None = None,
     attention_mask: Tensor | None = None,
     qkv_inputs: QKVInputs = "auto",
@@ -600,15 +646,19 @@ def eap(
     residual-stream gradient after ``u`` is the sum of its readers' gradients; no GIM rule sits on a
     residual add); for every reader ``v``, ``Σ_u EAP(u → v) = Σ Δ(residual at v) · ∂metric/∂(v input)``
     (the pre-norm residual is the sum of the writers plus constants that cancel in Δ).
+
+    ``method`` and ``hook_set`` choose the gradient as in :func:`atp` (``hook_set=None``: ``method``'s set,
+    full GIM by default), including the use of a GIM set already on the model.
     """
-    hook_set = GIMHookSet() if hook_set is None else hook_set
+    method, run_set, attached = _gradient_set(model, method, hook_set, "eap")
+    config = PRESETS["plain"] if run_set is None else run_set.config
     mask = _check_pair(clean, corrupt, attention_mask)
     _refuse_non_additive(model)
     kind = model_kind(model)
     if qkv_inputs not in ("auto", "split", "derived"):
         raise ValueError(f"qkv_inputs must be 'auto', 'split' or 'derived', got {qkv_inputs!r}")
     split = qkv_inputs == "split" or (qkv_inputs == "auto" and kind == "hooked")
-    if split and kind == "bridge" and hook_set.config.freeze_norm:
+    if split and kind == "bridge" and config.freeze_norm:
         raise GIMModelError("on a TransformerBridge, split q/k/v inputs re-apply ln1 outside its hook points, so "
                             "GIM's norm freeze cannot act on them; use qkv_inputs='derived' (the default 'auto').")
 
@@ -628,11 +678,11 @@ def eap(
     def pull_back(acts: dict, grads: dict) -> None:  # inside the clean run's hook context, after its backward
         if not split:
             for layer in range(n_layers):
-                derived[layer] = _derived_qkv_grads(model, layer, acts[pre[layer]], grads, hook_set.config)
+                derived[layer] = _derived_qkv_grads(model, layer, acts[pre[layer]], grads, config)
 
     with _split_inputs(model, split):
         run_acts, run_grads, _ = _clean_run(model, clean, mask, metric, list(dict.fromkeys(writers + pre)),
-                                            readers + resid, hook_set, pull_back)
+                                            readers + resid, run_set, pull_back, attached=attached)
         corrupt_acts = _cache_activations(model, corrupt, mask, writers)
 
     weights = _position_weights(mask, clean)[:, :, None, None]
@@ -664,7 +714,7 @@ def eap(
     graph = EdgeGraph(n_layers, n_heads, int(n_kv))
     scores = torch.einsum("bpsd,bptd->st", source_delta, target_grad).cpu()
     scores = scores.masked_fill(~graph.edge_mask(), float("nan"))
-    return EdgeResult(scores, graph.sources, graph.targets, method_name("EAP", hook_set))
+    return EdgeResult(scores, graph.sources, graph.targets, method_name("EAP", method, attached))
 
 
 # --------------------------------------------------------------------------------------
@@ -701,23 +751,42 @@ def activation_patching(
     clean: Int[Tensor, "batch pos"],
     corrupt: Int[Tensor, "batch pos"],
     metric: Metric,
-    component: str = "attn_head",
+    components: str | Sequence[str] = "attn_head",
     *,
     attention_mask: Tensor | None = None,
     per_position: bool = True,
     interventions_per_pass: int | None = None,
     progress: bool = True,
-) -> PatchingResult:
+    component: str | None = None,
+) -> PatchingResult | dict[str, PatchingResult]:
     """Real interventions: ``metric(clean run with one unit from the corrupt run) − metric(clean run)``.
 
-    ``component``: ``"attn_head"`` (``hook_z`` of one head, all positions; layer × head), ``"attn_out"`` /
+    ``components``: ``"attn_head"`` (``hook_z`` of one head, all positions; layer × head), ``"attn_out"`` /
     ``"mlp_out"`` (one layer, all positions) or ``"resid_pre"`` (layer × position; ``per_position=False``:
-    all positions of a layer at once). Several interventions run in one forward pass by stacking copies of
-    the batch (``interventions_per_pass`` copies, default ``max(1, 128 // batch)``); the metric is applied to
+    all positions of a layer at once). As in :func:`atp`: one name gives one :class:`PatchingResult`, a
+    sequence of names a dict. (``component=`` is the deprecated old keyword.)
+    Several interventions run in one forward pass by stacking copies of the batch (``interventions_per_pass``
+    copies, default ``max(1, 128 // batch)``); the metric is applied to
     each copy's logits separately, so it must depend on its own batch only.
+
+    No gradient is taken, so a GIM set attached to the model changes nothing here (GIM leaves the
+    forward pass bit-identical): it runs the same with or without one.
     """
-    if component not in _PATCHABLE:
-        raise ValueError(f"activation_patching supports {_PATCHABLE}, got {component!r}")
+    if component is not None:
+        warnings.warn("activation_patching(component=...) is deprecated and will be removed in the next release; "
+                      "use components=... (a name or a sequence of names, as in atp)", DeprecationWarning,
+                      stacklevel=2)
+        components = component
+    names_given, single = components_arg(components, "activation_patching")
+    bad = [c for c in names_given if c not in _PATCHABLE]
+    if bad:
+        raise ValueError(f"activation_patching supports {_PATCHABLE}, got {bad[0]!r}")
+    stacking.refuse_meta(model)
+    if not single:
+        return {c: activation_patching(model, clean, corrupt, metric, c, attention_mask=attention_mask,
+                                       per_position=per_position, interventions_per_pass=interventions_per_pass,
+                                       progress=progress) for c in names_given}
+    component = names_given[0]
     from tqdm.auto import tqdm
 
     mask = _check_pair(clean, corrupt, attention_mask)

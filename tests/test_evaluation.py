@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 
 import pytest
 import torch
@@ -51,7 +53,7 @@ def reference_comp_suff(weights_in_rank_order: list[float], clean: float, n_step
 def run(scores, *, stub=None, tokens=TOKENS, **kw):
     stub = stub or LinearStub()
     res = ev.evaluate_faithfulness(stub, tokens[None], torch.as_tensor(scores, dtype=torch.float64)[None],
-                                   [TARGET], baseline_id=SPACE, show_progress=False, **kw)
+                                   [TARGET], baseline_id=SPACE, progress=False, **kw)
     return res, stub
 
 
@@ -128,7 +130,7 @@ def test_logprob_and_logit_diff_scorings():
     stub = LinearStub(contrast=2.0)
     w = WEIGHTS[TOKENS]
     res = ev.evaluate_faithfulness(stub, TOKENS[None], w[None], [TARGET], contrast_ids=[CONTRAST],
-                                   baseline_id=SPACE, show_progress=False)
+                                   baseline_id=SPACE, progress=False)
     assert set(res) == {"logit", "logprob", "logit_diff"}
     # logit_diff = target - 2: the same drops, divided by (21.5 - 2).
     comp, suff = reference_comp_suff([3.0, 2.0, 1.0, 0.5], 21.5 - 2.0)
@@ -159,7 +161,7 @@ def test_left_padding_and_batching_give_per_example_results():
     mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
     scores = torch.stack([w, torch.cat([torch.tensor([99.0, 99.0]), WEIGHTS[short]])])
     res = ev.evaluate_faithfulness(LinearStub(), tokens, scores, [TARGET, TARGET], attention_mask=mask,
-                                   baseline_id=SPACE, show_progress=False, batch_size=3)
+                                   baseline_id=SPACE, progress=False, batch_size=3)
     alone, _ = run(WEIGHTS[short], tokens=short)
     first, _ = run(w)
     assert res["logit"].comprehensiveness[1].item() == pytest.approx(alone["logit"].comprehensiveness.item())
@@ -195,12 +197,12 @@ def test_random_baseline_lies_between_reversed_and_perfect():
     best, _ = run(w, tokens=tokens)
     worst, _ = run(-w, tokens=tokens)
     rand = ev.random_baseline(LinearStub(), tokens[None], [TARGET], baseline_id=SPACE, n_permutations=20,
-                              seed=0, show_progress=False)
+                              seed=0, progress=False)
     for s in ("logit", "logprob"):
         assert worst[s].comprehensiveness.item() < rand[s].comprehensiveness.item() < best[s].comprehensiveness.item()
         assert best[s].sufficiency.item() < rand[s].sufficiency.item() < worst[s].sufficiency.item()
     again = ev.random_baseline(LinearStub(), tokens[None], [TARGET], baseline_id=SPACE, n_permutations=20,
-                               seed=0, show_progress=False)
+                               seed=0, progress=False)
     assert again["logit"].comprehensiveness.item() == rand["logit"].comprehensiveness.item()
 
 
@@ -210,15 +212,28 @@ def test_random_baseline_lies_between_reversed_and_perfect():
 
 
 @pytest.mark.parametrize(("wins", "losses", "expected"), [
-    (8, 2, 2 * (1 + 10 + 45) / 2**10),   # 2 * P(X <= 2), X ~ Bin(10, 1/2)
+    (8, 2, 2 * (1 + 10 + 45) / 2**10),   # 2 * P(X <= 2), X ~ Bin(10, 1/2), binomial coefficients by hand
+    (2, 8, 2 * (1 + 10 + 45) / 2**10),   # symmetric in wins and losses
     (10, 0, 2 / 2**10),
     (5, 5, 1.0),
     (3, 9, 2 * (1 + 12 + 66 + 220) / 2**12),
-    (0, 0, 1.0),
+    (1, 0, 1.0),                          # 2 * P(X <= 0 | n = 1) = 1
+    (0, 0, 1.0),                          # no trials: no evidence
 ])
 def test_sign_test_against_hand_binomials(wins, losses, expected):
-    assert ev.binomial_two_sided_p(wins, wins + losses) == pytest.approx(expected)
-    assert ev.sign_test(wins, losses) == pytest.approx(expected)
+    assert ev.sign_test(wins, losses) == pytest.approx(expected, rel=1e-12)
+
+
+def test_sign_test_refuses_negative_counts():
+    with pytest.raises(ValueError, match="must be >= 0"):
+        ev.sign_test(-1, 3)
+
+
+def test_statistics_without_scipy_name_the_extra(monkeypatch):
+    """scipy is imported lazily; without it the error says which extra to install."""
+    monkeypatch.setitem(sys.modules, "scipy", None)  # makes `from scipy import stats` raise ImportError
+    with pytest.raises(ImportError, match=r"gim_tl\[evaluation\]"):
+        ev.sign_test(3, 1)
 
 
 def test_paired_comparison_counts_and_direction():
@@ -233,10 +248,13 @@ def test_paired_comparison_counts_and_direction():
 
 
 def test_t_quantile_and_mean_ci():
-    # Student-t table: t_{0.975, 4} = 2.7764, t_{0.975, 9} = 2.2622, t_{0.975, 29} = 2.0452
-    for df, table in ((4, 2.7764), (9, 2.2622), (29, 2.0452)):
+    # Student-t table (e.g. Abramowitz & Stegun 26.10): t_{0.975, df}; df = 1 is tan(0.475 π) = 12.7062
+    for df, table in ((1, math.tan(0.475 * math.pi)), (4, 2.7764), (9, 2.2622), (29, 2.0452)):
         assert ev.t_quantile(0.975, df) == pytest.approx(table, abs=1e-4)
-        assert ev._t_quantile_expansion(0.975, df) == pytest.approx(table, abs=2e-3)
+    assert ev.t_quantile(0.5, 7) == pytest.approx(0.0, abs=1e-12)  # the median of a symmetric law
+    assert ev.t_quantile(0.995, 10) == pytest.approx(3.1693, abs=1e-4)
+    with pytest.raises(ValueError, match="df must be >= 1"):
+        ev.t_quantile(0.975, 0)
     ci = ev.mean_ci([1.0, 2.0, 3.0, 4.0, 5.0, float("nan")])
     half = 2.7764 * math.sqrt(2.5) / math.sqrt(5)
     assert ci.n == 5 and ci.mean == pytest.approx(3.0)
@@ -303,3 +321,60 @@ def test_prefix_cached_logits_match_uncached(family):
     # batches without a shared prefix fall back to the uncached path
     other = torch.randint(4, 64, (3, 10), generator=g)
     assert torch.allclose(fn(other), plain(other), atol=1e-5)
+
+
+class _BrokenCacheLM(torch.nn.Module):
+    """An HF causal LM whose KV cache comes back broken: ``empty`` (what a TL 4.3 bridge returns under
+    transformers >= 5.24), ``short`` (one position missing) or ``stale`` (right length, other tokens)."""
+
+    def __init__(self, hf, how: str):
+        super().__init__()
+        self.inner, self.how, self.config = hf, how, hf.config
+
+    def forward(self, input_ids, past_key_values=None, use_cache=False, **kw):
+        if self.how == "stale" and use_cache and past_key_values is None:
+            input_ids = (input_ids + 1) % self.config.vocab_size
+        out = self.inner(input_ids=input_ids, past_key_values=past_key_values, use_cache=use_cache, **kw)
+        if use_cache and past_key_values is None:
+            if self.how == "empty":
+                out.past_key_values = type(out.past_key_values)()
+            elif self.how == "short":
+                out.past_key_values.crop(-1)
+        return out
+
+
+@pytest.mark.parametrize("how", ["empty", "short", "stale"])
+def test_prefix_cache_that_does_not_hold_the_prefix_falls_back_to_uncached(how):
+    from tiny_models import hf_model
+
+    hf = hf_model("llama")
+    fn = ev.PrefixCachedLogits(_BrokenCacheLM(hf, how), min_prefix=4)
+    g = torch.Generator().manual_seed(3)
+    batch = torch.randint(4, 64, (1, 20), generator=g).repeat(4, 1)
+    batch[torch.arange(4), 12 + torch.arange(4)] = 5  # a shared 12-token prefix
+    with torch.no_grad():
+        truth = torch.stack([hf(input_ids=row[None]).logits[0, -1] for row in batch])  # row by row, no cache
+    with pytest.warns(RuntimeWarning, match="cannot be trusted"):
+        got = fn(batch)
+    assert torch.allclose(got, truth, atol=1e-5)
+    assert not fn.cache_ok
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # warned once: later calls are silently uncached
+        again = fn(batch[:, :18])
+    assert torch.allclose(again, torch.stack([hf(input_ids=r[None]).logits[0, -1] for r in batch[:, :18]]),
+                          atol=1e-5)
+
+
+def test_prefix_cache_that_holds_the_prefix_is_used_without_warning():
+    from tiny_models import hf_model
+
+    hf = hf_model("llama")
+    fn = ev.PrefixCachedLogits(hf, min_prefix=4)
+    batch = torch.randint(4, 64, (1, 20), generator=torch.Generator().manual_seed(3)).repeat(4, 1)
+    batch[torch.arange(4), 12 + torch.arange(4)] = 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        got = fn(batch)
+    with torch.no_grad():
+        truth = torch.stack([hf(input_ids=row[None]).logits[0, -1] for row in batch])
+    assert torch.allclose(got, truth, atol=1e-5) and fn.cache_ok and fn.prefix_tokens_run == 12

@@ -22,7 +22,7 @@ import pytest
 import reference_gim as ref
 import tiny_models as tm
 import torch
-from conftest import HAS_HOOKED, MODELS, cached_model, fresh_model, needs_hooked
+from conftest import HAS_HOOKED, MODELS, cached_model, fresh_model, needs_hooked, needs_two_gpus
 from torch import nn
 
 from gim_tl import GIMHookSet, GIMModelError, GIMRuleError
@@ -948,7 +948,7 @@ def test_softmax_in_user_metric_is_untouched(model_id):
 
 
 @needs_hooked
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 devices")
+@needs_two_gpus
 def test_two_devices_keep_saved_tensors_on_their_layers_device():
     """Blocks split over two GPUs: every tensor autograd saves inside block i is on block i's device."""
     from transformer_lens.utilities.multi_gpu import get_device_for_block_index

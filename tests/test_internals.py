@@ -112,15 +112,18 @@ def test_permanent_forward_hook_is_the_newest_handle_and_removes_alone():
     model = Tiny()
     calls = []
     model.add_hook("hook_x", lambda x, hook: calls.append("user"), dir="fwd")
-    handle = internals.add_permanent_forward_hook(model, "hook_x", lambda x, hook: calls.append("gim"),
-                                                  model.hook_x)
+    gim_fn = lambda x, hook: calls.append("gim")  # noqa: E731
+    handle = internals.add_permanent_forward_hook(model, "hook_x", gim_fn, model.hook_x)
     model.reset_hooks()  # permanent hooks survive it
     model(torch.zeros(1))
     assert calls == ["gim"]
+    assert internals.forward_hooks_of(model.hook_x) == [(gim_fn, True)]
     model.add_hook("hook_x", lambda x, hook: calls.append("user"), dir="fwd")
     internals.remove_forward_hook(model.hook_x, handle)
     model(torch.zeros(1))
     assert calls == ["gim", "user"] and handle not in model.hook_x.fwd_hooks
+    ((user_hook, permanent),) = internals.forward_hooks_of(model.hook_x)
+    assert not permanent and user_hook is not gim_fn
 
 
 def test_hf_attention_implementation_is_set_to_eager():

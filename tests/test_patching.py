@@ -450,9 +450,66 @@ def test_plots():
 
     matplotlib.use("Agg")
     heads = PatchingResult(torch.randn(3, 4), ("layer", "head"), "attn_head", "AtP-GIM")
-    assert heads.plot().images[0].get_cmap().name == "RdBu_r"
-    lo, hi = heads.plot().images[0].get_clim()
+    assert heads.plot().axes[0].images[0].get_cmap().name == "RdBu_r"
+    lo, hi = heads.plot().axes[0].images[0].get_clim()
     assert lo == -hi
-    assert len(PatchingResult(torch.randn(3), ("layer",), "mlp_out", "AtP").plot().lines) == 2
+    assert len(PatchingResult(torch.randn(3), ("layer",), "mlp_out", "AtP").plot().axes[0].lines) == 2
     with pytest.raises(ValueError, match="reduce"):
         PatchingResult(torch.randn(2, 3, 4), ("layer", "pos", "head"), "attn_head", "AtP").plot()
+
+
+def test_atp_method_names_the_gradient_like_attribute_tokens(llama):
+    """method= as in attribute_tokens; hook_set=None means method's set; a given set is named by its preset."""
+    clean, corrupt = pair()
+    by_name = atp(llama, clean, corrupt, METRIC, "attn_head", method="grad_x_input")
+    by_set = atp(llama, clean, corrupt, METRIC, "attn_head", hook_set=GIMHookSet.preset("plain"))
+    assert by_name.method == by_set.method == "AtP" and torch.equal(by_name.scores, by_set.scores)
+    torch.testing.assert_close(by_name.scores, hand_atp(llama, clean, corrupt, "blocks.{}.attn.hook_z"))
+    with pytest.warns(DeprecationWarning, match="'plain' is deprecated"):
+        assert atp(llama, clean, corrupt, METRIC, "attn_head", method="plain").method == "AtP"
+    tsg = atp(llama, clean, corrupt, METRIC, "attn_head", method="tsg")
+    assert tsg.method == "AtP (+ TSG)"
+    assert atp(llama, clean, corrupt, METRIC, "attn_head", hook_set=GIMHookSet.preset("tsg")).method == "AtP (+ TSG)"
+    assert atp(llama, clean, corrupt, METRIC, "attn_head", hook_set=GIMHookSet(v_scale=0.3)).method == \
+        "AtP (custom GIM)"
+    assert eap(llama, clean, corrupt, METRIC, method="grad_x_input").method == "EAP"
+
+
+def test_atp_and_activation_patching_take_components_the_same_way(llama):
+    """A name gives one PatchingResult, a sequence of names a dict, in both; the old keyword warns."""
+    clean, corrupt = pair()
+    one = atp(llama, clean, corrupt, METRIC, components="attn_head")
+    assert isinstance(one, PatchingResult) and one.component == "attn_head"
+    both = atp(llama, clean, corrupt, METRIC, components=["attn_head", "mlp_out"])
+    assert set(both) == {"attn_head", "mlp_out"} and torch.equal(both["attn_head"].scores, one.scores)
+    truth = activation_patching(llama, clean, corrupt, METRIC, components="attn_out", progress=False)
+    assert isinstance(truth, PatchingResult) and truth.component == "attn_out"
+    several = activation_patching(llama, clean, corrupt, METRIC, components=("attn_out", "mlp_out"), progress=False)
+    assert set(several) == {"attn_out", "mlp_out"} and torch.equal(several["attn_out"].scores, truth.scores)
+    with pytest.warns(DeprecationWarning, match=r"component=\.\.\.\) is deprecated"):
+        old = activation_patching(llama, clean, corrupt, METRIC, component="attn_out", progress=False)
+    assert torch.equal(old.scores, truth.scores)
+    with pytest.raises(TypeError, match="components must be a component name or a non-empty sequence"):
+        atp(llama, clean, corrupt, METRIC, components=[])
+    with pytest.raises(ValueError, match="unknown component 'attn'"):
+        atp(llama, clean, corrupt, METRIC, components="attn")
+
+
+def test_every_plot_returns_a_figure():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    from gim_tl.attribution import TokenAttribution
+
+    edge = EdgeResult(torch.tensor([[1.0, -4.0], [float("nan"), 2.0]]), ["input", "a0.h0"], ["a0.h0<q>", "logits"],
+                      "EAP")
+    heads = PatchingResult(torch.randn(3, 4), ("layer", "head"), "attn_head", "AtP-GIM")
+    tokens = TokenAttribution(tokens=[["a", "b"]], token_ids=torch.tensor([[1, 2]]), scores=torch.tensor([[1.0, -2.0]]),
+                              mask=torch.ones(1, 2, dtype=torch.bool), target_ids=torch.tensor([3]), contrast_ids=None,
+                              target_strs=["c"], position=torch.tensor([1]), method="gim",
+                              metric_values=torch.tensor([1.0]))
+    for fig in (edge.plot(), heads.plot(), tokens.plot()):
+        assert isinstance(fig, Figure)

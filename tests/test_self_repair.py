@@ -11,7 +11,7 @@ from gim_tl import self_repair as sr
 
 
 def test_toy_row_by_hand():
-    """Scores (5, 5, 0, 0), readout c = (1, 1, 0, 0): spec §6."""
+    """Scores (5, 5, 0, 0), readout c = (1, 1, 0, 0): the worked row of docs/evaluation.md."""
     eff = sr.row_effects(torch.tensor([[5.0, 5.0, 0.0, 0.0]]), torch.tensor([[1.0, 1.0, 0.0, 0.0]]),
                          torch.ones(1, 4, dtype=torch.bool), temperature=2.0)
     e5, e25 = math.exp(5), math.exp(2.5)
@@ -123,14 +123,21 @@ def test_relative_threshold_is_per_example():
     assert sr.select_rows(eff, threshold=1.0).tolist() == [True, False, False]
 
 
-def test_spearman_and_average_ranks():
-    assert sr.average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+def test_spearman_against_hand_ranks():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     assert sr.spearman(x, x**3) == pytest.approx(1.0)
     assert sr.spearman(x, -x) == pytest.approx(-1.0)
     # ranks (1,2,3,4,5) vs (2,1,4,3,5): 1 - 6*sum(d^2)/(n(n^2-1)) = 1 - 6*4/120 = 0.8
     assert sr.spearman(x, torch.tensor([2.0, 1.0, 4.0, 3.0, 5.0])) == pytest.approx(0.8)
-    assert math.isnan(sr.spearman(x[:2], x[:2]))
+    # ties share the mean of their ranks: y = (3, 1, 3, 2) has ranks (3.5, 1, 3.5, 2); x = (1, 2, 3, 4).
+    # Centered: rx = (-1.5, -.5, .5, 1.5), ry = (1, -1.5, 1, -.5); Σ rx·ry = -1.5 + .75 + .5 - .75 = -1,
+    # Σ rx² = 5, Σ ry² = 4.5, so ρ = -1 / √22.5.
+    y = torch.tensor([3.0, 1.0, 3.0, 2.0])
+    assert sr.spearman(x[:4], y) == pytest.approx(-1 / math.sqrt(22.5), rel=1e-12)
+    assert math.isnan(sr.spearman(x[:2], x[:2]))                 # too few pairs
+    assert math.isnan(sr.spearman(x, torch.full((5,), 2.0)))     # a constant input has no ranking
+    with pytest.raises(ValueError, match="equally long"):
+        sr.spearman(x, x[:4])
 
 
 def test_summary_on_toy_rows():

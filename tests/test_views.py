@@ -30,9 +30,14 @@ def make_result(method="gim", scores=SCORES, tokens=TOKENS, pad=0) -> TokenAttri
 
 
 def spans(fragment: str) -> list[tuple[str, str]]:
-    """(background rgb, visible text) of every token span."""
+    """(background rgb, visible token text) of every token span."""
+    return [(rgb, tok) for rgb, tok, _ in spans_with_scores(fragment)]
+
+
+def spans_with_scores(fragment: str) -> list[tuple[str, str, str]]:
+    """(background rgb, visible token text, visible score) of every token span."""
     return re.findall(r'<span class="gim-tok" style="background-color:(rgb\(\d+,\d+,\d+\));[^"]*" '
-                      r'title="[^"]*">([^<]*)</span>', fragment)
+                      r'title="[^"]*">([^<]*)<span class="gim-score">([^<]*)</span></span>', fragment)
 
 
 def intensity(rgb: tuple[int, int, int], end: tuple[int, int, int]) -> float:
@@ -144,7 +149,7 @@ def test_figure_has_one_cell_per_token_and_title(plt):
     assert "GIM" in title and "' Paris'" in title
     texts = {t.get_text() for t in fig.axes[0].texts}
     assert {"·Paris", "<b>", "+2.00", "-2.00"} <= texts
-    assert len(fig.axes) == 2  # heatmap + colorbar
+    assert len(fig.axes) == 1 and len(fig.axes[0].child_axes) == 1  # heatmap, its colorbar inside
 
 
 def test_cell_colors_match_scores(plt):
@@ -227,3 +232,94 @@ def test_format_score_adapts_decimals():
     assert views.format_score(1.2345, 3.0) == "+1.23"
     assert views.format_score(-0.01234, 0.05) == "-0.0123"
     assert views.format_score(123.4, 250.0) == "+123"
+
+
+# --------------------------------------------------------------------------------------
+# Scales, colorbar and legends
+# --------------------------------------------------------------------------------------
+
+FOURTEEN = ["When", " Mary", " and", " John", " went", " to", " the", " store", ",", " John", " gave", " a", " drink",
+            " to"]
+
+
+def three_methods(n: int = 14):
+    """GIM, gradient × input (scores ×3) and IG (scores ÷ 40: another magnitude) on the same tokens."""
+    base = [((-1) ** i) * (i + 1) / n for i in range(n)]
+    tokens = FOURTEEN[:n]
+    return [make_result("gim", base, tokens), make_result("grad_x_input", [3 * s for s in base], tokens),
+            make_result("integrated_gradients", [s / 40 for s in base], tokens)]
+
+
+def test_comparison_figure_uses_one_shared_scale_by_default(plt):
+    results = three_methods()
+    top = max(abs(s) for s in results[1].real_scores(0))
+    fig = compare(*results).plot()
+    got = [tuple(round(c * 255) for c in p.get_facecolor()[:3]) for p in cells(fig)]
+    want = [views.score_color(s, top) for r in results for s in r.real_scores(0)]
+    assert got == want
+    label = fig.axes[0].child_axes[0].get_xlabel()
+    assert "one color scale for all rows" in label and "±3.00" in label
+
+    fig = compare(*results).plot(scale="row")
+    got = [tuple(round(c * 255) for c in p.get_facecolor()[:3]) for p in cells(fig)]
+    want = [views.score_color(s, max(abs(v) for v in r.real_scores(0))) for r in results for s in r.real_scores(0)]
+    assert got == want
+    assert "each row has its own color scale" in fig.axes[0].child_axes[0].get_xlabel()
+    with pytest.raises(ValueError, match="scale must be 'shared'"):
+        compare(*results).plot(scale="global")
+
+
+def test_colorbar_spans_the_grid_with_readable_ticks(plt):
+    """14 tokens: the bar is as wide as the cells and centred under them; its tick labels do not overlap."""
+    fig = compare(*three_methods()).plot()
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [p.get_window_extent(renderer) for p in cells(fig)]
+    grid_x0, grid_x1 = min(b.x0 for b in boxes), max(b.x1 for b in boxes)
+    cbar_ax = fig.axes[0].child_axes[0]
+    bar = cbar_ax.get_window_extent(renderer)
+    cell_px = boxes[0].width
+    assert abs(bar.x0 - grid_x0) < 0.1 * cell_px and abs(bar.x1 - grid_x1) < 0.1 * cell_px
+    assert bar.y1 < min(b.y0 for b in boxes)   # under the grid
+    labels = [t for t in cbar_ax.get_xticklabels() if t.get_text()]
+    assert [t.get_text() for t in labels] == ["-3.00", "-1.50", "0", "+1.50", "+3.00"]
+    extents = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: b.x0)
+    assert all(a.x1 + 5 < b.x0 for a, b in zip(extents, extents[1:], strict=False))
+    fig_box = fig.bbox
+    assert extents[0].x0 >= fig_box.x0 and extents[-1].x1 <= fig_box.x1
+
+
+def test_whitespace_marker_is_explained(plt):
+    fig = make_result().plot()
+    assert "· = a space" in fig.axes[0].child_axes[0].get_xlabel()
+    assert "⏎ = a newline" in fig.axes[0].child_axes[0].get_xlabel()
+    assert "· = a space" in make_result()._repr_html_()
+    no_space = make_result(tokens=["a", "b"], scores=[1.0, -1.0])
+    assert "· =" not in no_space._repr_html_()
+
+
+def test_one_number_format_for_every_method(plt):
+    """IG's small scores are written with the block's decimals, not their own."""
+    results = three_methods(4)
+    fig = compare(*results).plot()
+    numbers = [t.get_text() for t in fig.axes[0].texts if t.get_text()[:1] in "+-"]
+    assert len(numbers) == 12 and {len(n.split(".")[1]) for n in numbers} == {2}
+    assert "+0.02" in numbers   # IG's 0.75/40 written as +0.02, like the others (not +0.0188)
+    text = str(compare(*results))
+    assert "+0.02" in text and "0.0188" not in text
+    html_numbers = [n for _, _, n in spans_with_scores(compare(*results)._repr_html_())]
+    assert numbers == html_numbers
+
+
+def test_html_shows_scores_and_a_numbered_legend():
+    fragment = compare(*three_methods())._repr_html_()
+    found = spans_with_scores(fragment)
+    assert len(found) == 3 * 14 and all(score[:1] in "+-" for _, _, score in found)
+    legend = fragment[fragment.index('class="gim-legend"'):]
+    ticks = re.findall(r"<span>([^<]*)</span>", legend[legend.index("gim-ticks"):])
+    assert ticks == ["-3.00", "-1.50", "0", "+1.50", "+3.00"]
+    assert "one color scale for all rows: ±3.00" in legend
+    row_legend = compare(*three_methods()).to_html(scale="row")
+    assert "each row has its own color scale" in row_legend
+    assert re.findall(r"<span>([^<]*)</span>", row_legend[row_legend.index("gim-ticks"):])[:5] == \
+        ["-1.00", "-0.50", "0", "+0.50", "+1.00"]
