@@ -780,22 +780,6 @@ def test_model_missing_a_hook_point_is_named():
         GIMHookSet().fwd_hooks(_model_missing_hook_pattern())
 
 
-def test_boot_native_bridge_is_rejected():
-    import transformer_lens
-    from transformer_lens.model_bridge import TransformerBridge
-
-    cfg = transformer_lens.TransformerBridgeConfig(
-        n_layers=1, d_model=16, n_heads=2, d_head=8, d_mlp=32, d_vocab=tm.VOCAB, n_ctx=16, act_fn="silu",
-        gated_mlp=True, normalization_type="RMS", final_rms=True, positional_embedding_type="rotary",
-        rotary_dim=8, seed=0, device="cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = TransformerBridge.boot_native(cfg).eval()
-    with pytest.raises(GIMModelError, match="boot_native"):
-        with GIMHookSet().attach(model):
-            model(tokens_for_test(seq=4)).sum().backward()
-
-
 def test_bridge_in_training_mode_is_rejected():
     model = fresh_model("bridge", "llama").train()
     with pytest.raises(GIMModelError, match="training mode"):
