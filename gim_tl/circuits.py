@@ -161,14 +161,15 @@ def _check_model(model, graph: EdgeGraph) -> bool:
 @dataclass
 class _Patcher:
     """Edge patching on one clean/corrupt batch: the corrupt writer outputs cached once, then one forward per
-    circuit."""
+    circuit. Writer outputs are kept source-major (``[source, batch, pos, d_model]``) so that each reader's
+    update is one matrix product over the sources."""
 
     model: object
     graph: EdgeGraph
     clean: Tensor
     mask: Tensor | None
     ungroup: bool
-    corrupt_out: Float[Tensor, "batch pos source d_model"] = field(repr=False)
+    corrupt_out: Float[Tensor, "source batch pos d_model"] = field(repr=False)
 
     @classmethod
     def build(cls, model, graph: EdgeGraph, clean: Tensor, corrupt: Tensor, attention_mask: Tensor | None
@@ -179,22 +180,25 @@ class _Patcher:
         store: dict[int, Tensor] = {}
         with torch.no_grad(), _edge_mode(model, ungroup), model.hooks(fwd_hooks=patcher._writer_hooks(store)):
             _forward(model, corrupt, mask)
-        patcher.corrupt_out = torch.cat([store[i] for i in sorted(store)], dim=2)
+        patcher.corrupt_out = torch.cat([store[i] for i in sorted(store)], dim=0)
         return patcher
 
     def _writer_hooks(self, store: dict[int, Tensor], subtract: Tensor | None = None) -> list:
-        """Forward hooks recording each writer's output (``store[first source index]`` = ``[b, p, n, d]``);
-        with ``subtract`` (the corrupt outputs), they record ``corrupt − current`` into it instead."""
+        """Forward hooks recording each writer's output (``store[first source index]`` = ``[n, b, p, d]``);
+        with ``subtract`` (a copy of the corrupt outputs), they turn its rows into ``corrupt − current``."""
         model, graph = self.model, self.graph
         heads, _, mlp_src, _ = _layer_slices(graph)
 
         def record(index: int, width: int, per_head_w_o=None):
             def hook(x, hook):
-                out = x[:, :, None] if per_head_w_o is None else torch.einsum("bphe,hed->bphd", x, per_head_w_o)
+                if per_head_w_o is None:
+                    out = x[None]                                                    # [1, b, p, d]
+                else:
+                    out = torch.einsum("bphe,hed->hbpd", x, per_head_w_o)            # [head, b, p, d]
                 if subtract is None:
                     store[index] = out.detach().clone()
                 else:
-                    subtract[:, :, index:index + width] = subtract[:, :, index:index + width] - out.detach()
+                    subtract[index:index + width] -= out.detach()
                 return None
             return hook
 
@@ -209,19 +213,21 @@ class _Patcher:
         """Logits of the clean batch with every edge outside ``keep`` carrying its corrupt value."""
         graph = self.graph
         drop = (~keep & graph.edge_mask()).to(self.corrupt_out.dtype).to(self.corrupt_out.device)
-        diff = self.corrupt_out.clone()              # becomes corrupt − current as the writers fire
+        diff = self.corrupt_out.clone()              # rows become corrupt − current as the writers fire
         heads, qkv, mlp_src, mlp_tgt = _layer_slices(graph)
         n_q, n_kv = graph.n_heads, graph.n_kv_heads
 
-        def reader(n_prev: int, cols: slice | int):
-            weights = drop[:n_prev, cols]
+        def reader(n_prev: int, cols: slice):
+            weights = drop[:n_prev, cols].T.contiguous()                             # [reader, source]
             if not bool(weights.any()):
                 return None
 
             def hook(x, hook):
-                if weights.ndim == 1:   # one reader: [b, p, d]
-                    return x + torch.einsum("bpsd,s->bpd", diff[:, :, :n_prev], weights).to(x.dtype)
-                return x + torch.einsum("bpsd,st->bptd", diff[:, :, :n_prev], weights).to(x.dtype)
+                flat = diff[:n_prev].reshape(n_prev, -1)
+                update = (weights @ flat).reshape(weights.shape[0], *diff.shape[1:])   # [reader, b, p, d]
+                if x.ndim == 3:                                                      # one reader: [b, p, d]
+                    return x + update[0].to(x.dtype)
+                return x + update.permute(1, 2, 0, 3).to(x.dtype)                    # [b, p, reader, d]
             return hook
 
         hooks = self._writer_hooks({}, subtract=diff)
@@ -234,10 +240,11 @@ class _Patcher:
                 hook = reader(first, cols)
                 if hook is not None:
                     hooks.append((f"blocks.{layer}.hook_{which}_input", hook))
-            hook = reader(mlp_src[layer], mlp_tgt[layer])
+            hook = reader(mlp_src[layer], slice(mlp_tgt[layer], mlp_tgt[layer] + 1))
             if hook is not None:
                 hooks.append((f"blocks.{layer}.hook_mlp_in", hook))
-        hook = reader(len(graph.sources), len(graph.targets) - 1)
+        n_t = len(graph.targets)
+        hook = reader(len(graph.sources), slice(n_t - 1, n_t))
         if hook is not None:
             hooks.append((f"blocks.{graph.n_layers - 1}.hook_resid_post", hook))
         with torch.no_grad(), _edge_mode(self.model, self.ungroup), self.model.hooks(fwd_hooks=hooks):
@@ -489,12 +496,15 @@ def faithfulness_curve(
     fractions: Sequence[float] = MIB_FRACTIONS,
     absolute: bool = True,
     attention_mask: Tensor | None = None,
+    baselines: tuple[float, float] | None = None,
     progress: bool = True,
 ) -> FaithfulnessCurve:
     """Faithfulness of ``Circuit.top_n(edges, int(p · n_edges))`` for each fraction ``p`` (MIB's by default).
 
-    ``m(full)`` and ``m(∅)`` are the patched runs with all and with no edges (the clean and corrupt runs).
-    One corrupt forward pass, then one patched forward pass per circuit, each batched over the prompts.
+    ``m(full)`` and ``m(∅)`` are the patched runs with all and with no edges (the clean and corrupt runs);
+    pass ``baselines=(m_full, m_empty)`` from an earlier curve on the same prompts to skip them. One corrupt
+    forward pass, then one patched forward pass per circuit (none for a circuit of all edges, whose value
+    is ``m(full)``), each batched over the prompts.
     """
     from tqdm.auto import tqdm
 
@@ -508,15 +518,17 @@ def faithfulness_curve(
         return float(_scalar(metric(patcher.run(keep))))
 
     total = edges.n_edges
-    full = value(graph.edge_mask())
-    empty = value(torch.zeros_like(graph.edge_mask()))
+    if baselines is None:
+        full, empty = value(graph.edge_mask()), value(torch.zeros_like(graph.edge_mask()))
+    else:
+        full, empty = (float(v) for v in baselines)
     requested, kept, values = [], [], []
     for p in tqdm(fractions, desc=f"faithfulness ({edges.method})", disable=not progress):
         n = int(p * total)
         circuit = Circuit.top_n(edges, n, absolute=absolute)
         requested.append(n)
         kept.append(circuit.n_edges)
-        values.append(value(circuit.keep))
+        values.append(full if circuit.n_edges == total else value(circuit.keep))
     return FaithfulnessCurve(fractions, requested, kept, values, full, empty, total, edges.method)
 
 
