@@ -366,8 +366,7 @@ class Circuit:
             u, target = self.edges.sources[i], self.edges.targets[j]
             v = target_node(target)
             for node in (u, v):
-                layer = rank.get(node, 2 * int(node[1:].split(".")[0]) + 1)
-                g.add_node(node, layer=layer)
+                g.add_node(node, layer=rank[node] if node in rank else 2 * int(node[1:].split(".")[0]) + 1)
             score = float(self.edges.scores[i, j])
             part = target[len(v) + 1:-1] if "<" in target else ""
             if g.has_edge(u, v):
