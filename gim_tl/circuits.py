@@ -351,38 +351,49 @@ class Circuit:
 
     # ---- drawing -------------------------------------------------------------------
 
-    def to_networkx(self):
+    def to_networkx(self, context: int = 0):
         """A ``networkx.DiGraph`` of the circuit: nodes ``input``, ``a{l}.h{h}``, ``m{l}``, ``logits`` (attribute
-        ``layer``: residual order), one edge per (writer, node) with ``score`` = Σ over its q/k/v readers and
-        ``readers`` (e.g. ``"q,v"``)."""
+        ``layer``: residual order), one edge per (writer, node) with ``score`` = Σ over its q/k/v readers,
+        ``readers`` (e.g. ``"q,v"``) and ``in_circuit``. ``context=k`` adds the k strongest edges outside the
+        circuit (``in_circuit=False``; nodes only they touch get ``in_circuit=False`` too)."""
         import networkx as nx
 
         g = nx.DiGraph()
         rank = {"input": 0, "logits": 2 * self.graph.n_layers + 1}
         for layer in range(self.graph.n_layers):
             rank[f"m{layer}"] = 2 * layer + 2
-        rows, cols = self.keep.nonzero(as_tuple=True)
-        for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
-            u, target = self.edges.sources[i], self.edges.targets[j]
-            v = target_node(target)
-            for node in (u, v):
-                g.add_node(node, layer=rank[node] if node in rank else 2 * int(node[1:].split(".")[0]) + 1)
-            score = float(self.edges.scores[i, j])
-            part = target[len(v) + 1:-1] if "<" in target else ""
-            if g.has_edge(u, v):
-                g[u][v]["score"] += score
-                g[u][v]["readers"] = ",".join(filter(None, [g[u][v]["readers"], part]))
-            else:
-                g.add_edge(u, v, score=score, readers=part)
+        extra = torch.zeros_like(self.keep)
+        if context > 0:
+            flat = self.edges.scores.flatten().float().abs().nan_to_num(nan=-math.inf)
+            flat[self.keep.flatten()] = -math.inf
+            order = flat.argsort(descending=True, stable=True)[:context]
+            extra.view(-1)[order[flat[order] > -math.inf]] = True
+        for mask, inside in ((self.keep, True), (extra, False)):
+            rows, cols = mask.nonzero(as_tuple=True)
+            for i, j in zip(rows.tolist(), cols.tolist(), strict=True):
+                u, target = self.edges.sources[i], self.edges.targets[j]
+                v = target_node(target)
+                for node in (u, v):
+                    if node not in g:
+                        layer = rank[node] if node in rank else 2 * int(node[1:].split(".")[0]) + 1
+                        g.add_node(node, layer=layer, in_circuit=inside)
+                score = float(self.edges.scores[i, j])
+                part = target[len(v) + 1:-1] if "<" in target else ""
+                if g.has_edge(u, v) and g[u][v]["in_circuit"] == inside:
+                    g[u][v]["score"] += score
+                    g[u][v]["readers"] = ",".join(filter(None, [g[u][v]["readers"], part]))
+                elif not g.has_edge(u, v):
+                    g.add_edge(u, v, score=score, readers=part, in_circuit=inside)
         return g
 
-    def plot(self, ax=None, *, title: str | None = None, max_width: float = 6.0):
+    def plot(self, ax=None, *, context: int = 0, title: str | None = None, max_width: float = 6.0):
         """Draw the circuit with networkx: nodes in residual order (left to right), edge width ∝ |score|,
-        red = positive score, blue = negative. Returns the Axes."""
+        red = positive score, blue = negative; ``context=k`` also draws the k strongest edges outside the
+        circuit, thin, dashed and grey, so the circuit stands out. Returns the Axes."""
         import matplotlib.pyplot as plt
         import networkx as nx
 
-        g = self.to_networkx()
+        g = self.to_networkx(context)
         if ax is None:
             n_columns = len({d["layer"] for _, d in g.nodes(data=True)})
             _, ax = plt.subplots(figsize=(max(6.0, 0.8 * n_columns + 2), 6))
@@ -391,18 +402,22 @@ class Circuit:
             ax.axis("off")
             return ax
         pos = nx.multipartite_layout(g, subset_key="layer")
-        scores = [d["score"] for _, _, d in g.edges(data=True)]
-        top = max(abs(s) for s in scores) or 1.0
-        widths = [0.3 + max_width * abs(s) / top for s in scores]
-        colors = ["tab:red" if s > 0 else "tab:blue" for s in scores]
-        node_colors = ["#f2c14e" if n.startswith("a") else "#8fb8de" if n.startswith("m") else "#cccccc"
-                       for n in g.nodes]
-        nx.draw_networkx_nodes(g, pos, ax=ax, node_color=node_colors, node_size=500, edgecolors="black",
-                               linewidths=0.5)
+        top = max(abs(d["score"]) for _, _, d in g.edges(data=True)) or 1.0
+        for inside in (False, True):
+            edges = [(u, v) for u, v, d in g.edges(data=True) if d["in_circuit"] == inside]
+            scores = [g[u][v]["score"] for u, v in edges]
+            nx.draw_networkx_edges(
+                g, pos, edgelist=edges, ax=ax, node_size=500, arrows=True, arrowsize=8,
+                connectionstyle="arc3,rad=0.08",
+                width=[0.3 + max_width * abs(s) / top for s in scores] if inside else 0.6,
+                edge_color=["tab:red" if s > 0 else "tab:blue" for s in scores] if inside else "#bbbbbb",
+                style="solid" if inside else "dashed", alpha=0.75 if inside else 0.6)
+        colors = [("#f2c14e" if n.startswith("a") else "#8fb8de" if n.startswith("m") else "#cccccc")
+                  if d["in_circuit"] else "#eeeeee" for n, d in g.nodes(data=True)]
+        nx.draw_networkx_nodes(g, pos, ax=ax, node_color=colors, node_size=500, edgecolors="black", linewidths=0.5)
         nx.draw_networkx_labels(g, pos, ax=ax, font_size=7)
-        nx.draw_networkx_edges(g, pos, ax=ax, width=widths, edge_color=colors, alpha=0.7, arrows=True,
-                               arrowsize=8, connectionstyle="arc3,rad=0.08", node_size=500)
-        ax.set_title(title or f"{self.edges.method}: {self.n_edges} edges, {g.number_of_nodes()} nodes")
+        n_nodes = sum(1 for _, d in g.nodes(data=True) if d["in_circuit"])
+        ax.set_title(title or f"{self.edges.method}: {self.n_edges} edges, {n_nodes} nodes")
         ax.axis("off")
         return ax
 

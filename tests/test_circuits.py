@@ -382,6 +382,8 @@ def test_circuit_graph_and_plots():
     g = circuit.to_networkx()
     assert set(g.nodes) == {"input", "a0.h0", "logits"}
     assert g["input"]["a0.h0"]["score"] == pytest.approx(11.0) and g["input"]["a0.h0"]["readers"] == "q,v"
-    assert circuit.plot() is not None
+    assert circuit.plot() is not None and circuit.plot(context=2) is not None
+    wider = circuit.to_networkx(context=1)   # the strongest edge outside the circuit: 0.001 (the fill), first in order
+    assert [d["in_circuit"] for *_, d in wider.edges(data=True)].count(False) == 1
     curve = FaithfulnessCurve([0.1, 1.0], [1, 10], [1, 10], [0.5, 1.0], 1.0, 0.0, 10, "hand")
     assert curve.plot() is not None and len(curve.to_dataframe()) == 2
