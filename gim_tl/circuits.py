@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -278,8 +279,9 @@ class Circuit:
     def top_n(cls, edges: EdgeResult, n: int, *, absolute: bool = True, prune_paths: bool = True) -> Circuit:
         """The ``n`` edges with the largest ``|score|`` (``absolute=False``: largest signed score), then (by
         default) pruned to those on an input → logits path, as MIB does; ties keep the earlier edge."""
-        if not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        if isinstance(n, bool) or not hasattr(n, "__index__") or operator.index(n) < 0:
+            raise ValueError(f"n must be a non-negative integer, got {n!r}")
+        n = operator.index(n)
         flat = edges.scores.flatten().float()
         key = torch.nan_to_num(flat.abs() if absolute else flat, nan=-math.inf)
         order = key.argsort(descending=True, stable=True)[: min(n, edges.n_edges)]

@@ -281,6 +281,9 @@ def test_top_n_prunes_edges_off_every_input_to_logits_path():
     assert Circuit.top_n(edges, 5, prune_paths=False).n_edges == 5
     assert Circuit.top_n(edges, 1).n_edges == 0            # input → a0.h0<q> alone reaches no logits
     assert circuit.nodes == ["input", "a0.h0", "logits"]
+    assert Circuit.top_n(edges, torch.tensor(5)).edge_names == circuit.edge_names
+    with pytest.raises(ValueError, match="non-negative integer"):
+        Circuit.top_n(edges, 2.5)
 
 
 def test_prune_with_grouped_kv_readers():
