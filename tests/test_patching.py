@@ -324,7 +324,7 @@ def test_eap_hooked_split_equals_derived_and_identities(variant):
 def test_eap_ig_style_user_code_inside_gim_matches_eap_hooked(hooked):
     """GIM composed with EAP-IG-style user hooks: at 1 step its scores equal eap(); more steps still run."""
     clean, corrupt = pair()
-    ours = eap(hooked, clean, corrupt, METRIC)
+    ours = eap(hooked, clean, corrupt, METRIC, gqa="grouped")      # the user code reads per-KV-head k/v inputs
     gim = GIMHookSet()
     with_edge_flags(hooked)
     try:
