@@ -85,13 +85,14 @@ class GIMHookSet:
     def __init__(self, config: GIMConfig | None = None, **overrides) -> None:
         self.config = (config or GIMConfig()).replace(**overrides) if overrides else (config or GIMConfig())
         self.counter = RuleCounter()
+        self.name: str | None = None  # the preset it was made from (GIMHookSet.preset); results are labelled by it
         self._persistent: dict[int, list] = {}
 
     @classmethod
     def preset(cls, name: str, **overrides) -> GIMHookSet:
         """A hook set for a named ablation preset (``"plain"``, ``"tsg"``, ..., ``"gim"``)."""
         hook_set = cls(preset(name), **overrides)
-        hook_set.name = name  # results label themselves by it (gim_tl.stacking.method_of)
+        hook_set.name = name
         return hook_set
 
     def __repr__(self) -> str:

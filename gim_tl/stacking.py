@@ -279,7 +279,7 @@ def hook_set_for(method: str) -> GIMHookSet | None:
 def method_of(hook_set: GIMHookSet) -> str:
     """A set's method name: the preset it was made by (``GIMHookSet.preset``), ``"grad_x_input"`` for no
     rule, ``"gim"`` for full GIM, else ``"custom"``."""
-    name = getattr(hook_set, "name", None)
+    name = hook_set.name
     if name in PRESETS and same_rules(PRESETS[name], hook_set.config):
         return PLAIN_METHOD if name == "plain" else name
     if hook_set.config.is_plain:
