@@ -15,3 +15,32 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def token_ids(tok, text: str) -> list[int]:
+    """``text``'s token ids, no special tokens."""
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def correct_pairs(model, rows, wrong_field: str) -> tuple[list[tuple[list[int], list[int], int, int]], int]:
+    """Prompt pairs fit for patching: clean and corrupt of equal token length, one-token answer and wrong
+    answer (``row.<wrong_field>``), and a clean top-1 equal to the answer.
+
+    Returns ``([(clean ids, corrupt ids, answer id, wrong id), ...] in file order, number of candidates)``.
+    """
+    import torch
+
+    tok = model.tokenizer
+    candidates = []
+    for row in rows:
+        clean, corrupt = token_ids(tok, row.prompt), token_ids(tok, row.corrupt_prompt)
+        answer, wrong = token_ids(tok, row.answer), token_ids(tok, getattr(row, wrong_field))
+        if len(clean) == len(corrupt) and len(answer) == 1 and len(wrong) == 1:
+            candidates.append((clean, corrupt, answer[0], wrong[0]))
+    correct = set()
+    with torch.no_grad():
+        for length in sorted({len(c[0]) for c in candidates}):
+            index = [i for i, c in enumerate(candidates) if len(c[0]) == length]
+            top = model(torch.tensor([candidates[i][0] for i in index]))[:, -1].argmax(-1).tolist()
+            correct.update(i for i, t in zip(index, top, strict=True) if t == candidates[i][2])
+    return [c for i, c in enumerate(candidates) if i in correct], len(candidates)

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _common import cpu_model  # noqa: E402
+from _common import correct_pairs, cpu_model  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from gim_tl import PRESET_LABELS, GIMHookSet  # noqa: E402
@@ -59,28 +59,10 @@ class SetResult:
     lengths: dict[int, int] = field(default_factory=dict)   # token length -> number of examples
 
 
-def token_ids(tok, text: str) -> list[int]:
-    return list(tok(text, add_special_tokens=False)["input_ids"])
-
-
 def eligible(model, rows, wrong_field: str, limit: int) -> tuple[list[Item], int]:
     """Examples with equal clean/corrupt token length, one-token answers and a correct clean top-1, in file order."""
-    tok = model.tokenizer
-    candidates = []
-    for row in rows:
-        clean, corrupt = token_ids(tok, row.prompt), token_ids(tok, row.corrupt_prompt)
-        answer, wrong = token_ids(tok, row.answer), token_ids(tok, getattr(row, wrong_field))
-        if len(clean) == len(corrupt) and len(answer) == 1 and len(wrong) == 1:
-            candidates.append(Item(clean, corrupt, answer[0], wrong[0]))
-    kept = []
-    with torch.no_grad():
-        for length in sorted({len(c.clean) for c in candidates}):
-            group = [c for c in candidates if len(c.clean) == length]
-            top = model(torch.tensor([c.clean for c in group]))[:, -1].argmax(-1)
-            kept += [c for c, t in zip(group, top.tolist(), strict=True) if t == c.answer]
-    order = {id(c): i for i, c in enumerate(candidates)}
-    kept.sort(key=lambda c: order[id(c)])
-    return kept[:limit], len(candidates)
+    pairs, n_candidates = correct_pairs(model, rows, wrong_field)
+    return [Item(*p) for p in pairs[:limit]], n_candidates
 
 
 def batches(items: list[Item], size: int) -> list[list[Item]]:

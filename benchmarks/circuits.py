@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _common import cpu_model  # noqa: E402
+from _common import correct_pairs, cpu_model  # noqa: E402
 
 from gim_tl import GIMHookSet  # noqa: E402
 from gim_tl.circuits import FaithfulnessCurve, faithfulness_curve, plot_curves, random_edges  # noqa: E402
@@ -58,30 +58,17 @@ class Batch:
     n_candidates: int
 
 
-def token_ids(tok, text: str) -> list[int]:
-    return list(tok(text, add_special_tokens=False)["input_ids"])
-
-
 def one_batch(model, rows, wrong_field: str, n: int) -> Batch:
     """Up to ``n`` examples of the most common token length among those with equal clean/corrupt length,
     one-token answers and a correct clean top-1 (file order)."""
-    tok = model.tokenizer
-    cands = []
-    for row in rows:
-        clean, corrupt = token_ids(tok, row.prompt), token_ids(tok, row.corrupt_prompt)
-        answer, wrong = token_ids(tok, row.answer), token_ids(tok, getattr(row, wrong_field))
-        if len(clean) == len(corrupt) and len(answer) == 1 and len(wrong) == 1:
-            cands.append((clean, corrupt, answer[0], wrong[0]))
+    pairs, n_candidates = correct_pairs(model, rows, wrong_field)
     by_len: dict[int, list] = {}
-    with torch.no_grad():
-        for length in sorted({len(c[0]) for c in cands}):
-            group = [c for c in cands if len(c[0]) == length]
-            top = model(torch.tensor([c[0] for c in group]))[:, -1].argmax(-1).tolist()
-            by_len[length] = [c for c, t in zip(group, top, strict=True) if t == c[2]]
+    for p in pairs:
+        by_len.setdefault(len(p[0]), []).append(p)
     length = max(by_len, key=lambda k: (len(by_len[k]), -k))
     chosen = by_len[length][:n]
     return Batch(torch.tensor([c[0] for c in chosen]), torch.tensor([c[1] for c in chosen]),
-                 [c[2] for c in chosen], [c[3] for c in chosen], len(cands))
+                 [c[2] for c in chosen], [c[3] for c in chosen], n_candidates)
 
 
 def run_set(model, name: str, batch: Batch, ig_steps: int, progress: bool) -> dict:

@@ -12,7 +12,7 @@ import warnings
 import pytest
 import torch
 from conftest import cached_model, needs_hooked
-from test_patching import eap_ig_style, with_edge_flags, without_edge_flags
+from test_patching import METRIC, eap_ig_style, pair, with_edge_flags, without_edge_flags
 
 from gim_tl import GIMHookSet, GIMModelError
 from gim_tl.circuits import (
@@ -25,22 +25,10 @@ from gim_tl.circuits import (
     prune,
     random_edges,
 )
-from gim_tl.patching import EdgeGraph, EdgeResult, eap, logit_diff_metric
+from gim_tl.patching import EdgeGraph, EdgeResult, eap
 
 warnings.filterwarnings("ignore", category=UserWarning)
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-METRIC = logit_diff_metric([5, 6, 7], [8, 9, 10])
-
-
-def pair(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    clean = torch.randint(4, 64, (3, 6), generator=g)
-    corrupt = clean.clone()
-    corrupt[:, 1] = torch.randint(4, 64, (3,), generator=g)
-    corrupt[:, 3] = torch.randint(4, 64, (3,), generator=g)
-    return clean, corrupt
-
 
 def hooked_qwen2():
     """A HookedTransformer converted from a tiny HF Qwen2 (q/k/v biases, GQA)."""

@@ -49,21 +49,27 @@ def test_notebook_has_no_stored_outputs(path):
     assert code and all(not c.outputs and c.execution_count is None for c in code)
 
 
-def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+def execute(path: Path, tmp_path: Path, monkeypatch, timeout: int) -> tuple[list, float]:
+    """Run a notebook top to bottom in a fresh kernel of this venv; its outputs and the seconds it took."""
     import nbformat
     from nbclient import NotebookClient
 
     write_kernelspec(tmp_path / "jupyter")
     monkeypatch.delenv("MPLBACKEND", raising=False)  # other tests (the CLI's) set Agg; the kernel must draw inline
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", ""))
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=600, allow_errors=False,
+    nb = nbformat.read(path, as_version=4)
+    client = NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=timeout, allow_errors=False,
                             resources={"metadata": {"path": str(tmp_path)}})
     start = time.perf_counter()
     client.execute()
     elapsed = time.perf_counter() - start
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.get("output_type") == "error"]
+    return outputs, elapsed
+
+
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+    outputs, elapsed = execute(NOTEBOOK, tmp_path, monkeypatch, timeout=600)
     html = [o for o in outputs if "text/html" in o.get("data", {})]
     assert any('class="gim-tok"' in o["data"]["text/html"] for o in html), "no attribution heatmap was displayed"
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2, "the figures were not drawn"
@@ -72,20 +78,7 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
 
 def test_circuits_notebook_runs(tmp_path, monkeypatch):
     """The circuits notebook: EAP-GIM on SmolLM2, a circuit drawn with networkx, faithfulness curves."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    write_kernelspec(tmp_path / "jupyter")
-    monkeypatch.delenv("MPLBACKEND", raising=False)
-    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter") + os.pathsep + os.environ.get("JUPYTER_PATH", ""))
-    nb = nbformat.read(CIRCUITS_NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, kernel_name=KERNEL_NAME, timeout=900, allow_errors=False,
-                            resources={"metadata": {"path": str(tmp_path)}})
-    start = time.perf_counter()
-    client.execute()
-    elapsed = time.perf_counter() - start
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
+    outputs, elapsed = execute(CIRCUITS_NOTEBOOK, tmp_path, monkeypatch, timeout=900)
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 2, "the circuit and the curves were not drawn"
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "FaithfulnessCurve(EAP-GIM" in text
