@@ -122,6 +122,11 @@ def forward_hooks_of(point) -> list[tuple[Callable, bool]]:
     return [(handle.user_hook, bool(handle.is_permanent)) for handle in point.fwd_hooks]
 
 
+def forward_hook_count(point) -> int:
+    """How many forward hooks a HookPoint has now (the length of :func:`forward_hooks_of`, without building it)."""
+    return len(point.fwd_hooks)
+
+
 def add_permanent_forward_hook(model, name: str, fn: Callable, point):
     """Add ``fn`` as a permanent TL forward hook at ``name`` and return its handle (for
     :func:`remove_forward_hook`): TL appends the new handle to ``point.fwd_hooks``."""

@@ -90,8 +90,8 @@ class ForwardPass:
 
     def __init__(self, build: HookBuild, index: int, generation: int) -> None:
         self.build, self.index, self.generation = build, index, generation
-        self.forward: Counter = Counter()
-        self.backward: Counter = Counter()
+        self.forward: dict[tuple[str, str], int] = {}  # (rule, site) -> count; absent means 0
+        self.backward: dict[tuple[str, str], int] = {}
 
     @property
     def has_backward(self) -> bool:
@@ -104,27 +104,30 @@ class HookBuild:
     def __init__(self, counter: RuleCounter, model_key: int, model_label: str) -> None:
         self.counter, self.model_key, self.model_label = counter, model_key, model_label
         self.expected: list[tuple[str, str]] = []
+        self._order: dict[tuple[str, str], tuple[int, int]] = {}  # forward_order of each expected site
         self._pass: ForwardPass | None = None
         self._last = (-1, 0)
 
     def expect(self, rule: str, site: str) -> None:
         """Declare, while building the hooks, that ``rule`` is placed at ``site`` in every forward pass."""
-        if (rule, site) not in self.expected:
-            self.expected.append((rule, site))
+        key = (rule, site)
+        if key not in self._order:
+            self.expected.append(key)
+            self._order[key] = forward_order(site)
 
     def install(self, rule: str, site: str) -> Callable[[], None]:
         """Count an install of ``rule`` at ``site`` (in forward) and return the callback its backward calls."""
-        order = forward_order(site)
+        key = (rule, site)
+        order = self._order[key] if key in self._order else forward_order(site)
         current = self._pass
         if current is None or current.generation != self.counter.generation or order < self._last:
             current = self._pass = self.counter.new_pass(self)
         self._last = order
-        key = (rule, site)
-        current.forward[key] += 1
+        current.forward[key] = current.forward.get(key, 0) + 1
         backward = current.backward
 
         def applied() -> None:
-            backward[key] += 1
+            backward[key] = backward.get(key, 0) + 1
 
         return applied
 
@@ -186,8 +189,9 @@ class RuleCounter:
             installed = {key for p in done for key in p.forward}
             for p in passes:
                 for rule, site in expected:
-                    if p.forward[(rule, site)] or (done and p is done[0] and (rule, site) not in installed):
-                        rows.append(RuleStatus(rule, site, p.forward[(rule, site)], p.backward[(rule, site)],
+                    key = (rule, site)
+                    if key in p.forward or (done and p is done[0] and key not in installed):
+                        rows.append(RuleStatus(rule, site, p.forward.get(key, 0), p.backward.get(key, 0),
                                                p.build.model_label, p.index, not p.has_backward))
         return rows
 

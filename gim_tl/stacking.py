@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-from gim_tl._internals import forward_hooks_of
+from gim_tl._internals import forward_hook_count, forward_hooks_of
 from gim_tl.config import PRESETS, GIMConfig
 from gim_tl.layout import GIMModelError
 
@@ -197,16 +197,21 @@ def mark(hook_set: GIMHookSet, hooks: list[Hook]) -> list[Hook]:
 def _guarded(fn: Callable, inst: Installation) -> Callable:
     @functools.wraps(fn)
     def hook_fn(x, hook):
-        for other, permanent in _point_installations(hook):
-            if other is not inst:
-                raise GIMStackingError(
-                    f"two GIM installations are active at {hook.name}: {describe_set(inst.hook_set)} and "
-                    f"{ActiveSet(other.hook_set, permanent).describe()} (two fwd_hooks(model) lists in one "
-                    "model.hooks call?). Their rules would apply twice; attach one GIM set at a time.")
+        if forward_hook_count(hook) > 1:  # this hook alone (the usual case) needs no look at the others
+            _refuse_other_installation(hook, inst)
         return fn(x, hook=hook)
 
     setattr(hook_fn, MARK, inst)
     return hook_fn
+
+
+def _refuse_other_installation(point, inst: Installation) -> None:
+    for other, permanent in _point_installations(point):
+        if other is not inst:
+            raise GIMStackingError(
+                f"two GIM installations are active at {point.name}: {describe_set(inst.hook_set)} and "
+                f"{ActiveSet(other.hook_set, permanent).describe()} (two fwd_hooks(model) lists in one "
+                "model.hooks call?). Their rules would apply twice; attach one GIM set at a time.")
 
 
 # --------------------------------------------------------------------------------------

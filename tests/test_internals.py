@@ -118,7 +118,9 @@ def test_permanent_forward_hook_is_the_newest_handle_and_removes_alone():
     model(torch.zeros(1))
     assert calls == ["gim"]
     assert internals.forward_hooks_of(model.hook_x) == [(gim_fn, True)]
+    assert internals.forward_hook_count(model.hook_x) == 1
     model.add_hook("hook_x", lambda x, hook: calls.append("user"), dir="fwd")
+    assert internals.forward_hook_count(model.hook_x) == 2
     internals.remove_forward_hook(model.hook_x, handle)
     model(torch.zeros(1))
     assert calls == ["gim", "user"] and handle not in model.hook_x.fwd_hooks
