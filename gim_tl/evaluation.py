@@ -435,8 +435,23 @@ def evaluate_faithfulness(
 
 def evaluate_attribution(model, attribution, *, baseline_id: int, contrast_ids=None, **kwargs
                          ) -> dict[str, FaithfulnessResult]:
-    """:func:`evaluate_faithfulness` on a ``TokenAttribution`` (``.token_ids``, ``.mask``, ``.scores``,
-    ``.target_ids``) from :func:`gim_tl.attribution.attribute_tokens`."""
+    """:func:`evaluate_faithfulness` of a :class:`~gim_tl.attribution.TokenAttribution` from
+    :func:`gim_tl.attribution.attribute_tokens`: its tokens, mask, scores and targets, and its contrast tokens
+    unless ``contrast_ids`` is given (so a logit-difference attribution is also scored by ``"logit_diff"``).
+
+    The metrics read the model's output at each example's last real token, so the attribution must explain
+    that position (``position=-1``, the default of ``attribute_tokens``); any other raises ``ValueError``.
+    """
+    mask = attribution.mask.bool()
+    last = torch.stack([row.nonzero()[-1, 0] if row.any() else torch.tensor(-1) for row in mask])
+    off = (attribution.position.cpu() != last).nonzero().flatten().tolist()
+    if off:
+        raise ValueError(
+            f"examples {off} explain a position other than their last real token, but comprehensiveness and "
+            "sufficiency read the model's output at the last token. Attribute with position=-1 on prompts cut "
+            "to end at the explained token.")
+    if contrast_ids is None:
+        contrast_ids = attribution.contrast_ids
     return evaluate_faithfulness(model, attribution.token_ids, attribution.scores, attribution.target_ids,
                                  attention_mask=attribution.mask, baseline_id=baseline_id,
                                  contrast_ids=contrast_ids, **kwargs)

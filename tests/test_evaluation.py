@@ -1,4 +1,5 @@
-"""Faithfulness metrics on a stub model whose target logit is a known sum over the tokens present."""
+"""Faithfulness metrics on a stub model whose target logit is a known sum over the tokens present; and
+evaluate_attribution on a tiny model."""
 
 from __future__ import annotations
 
@@ -378,3 +379,46 @@ def test_prefix_cache_that_holds_the_prefix_is_used_without_warning():
     with torch.no_grad():
         truth = torch.stack([hf(input_ids=row[None]).logits[0, -1] for row in batch])
     assert torch.allclose(got, truth, atol=1e-5) and fn.cache_ok and fn.prefix_tokens_run == 12
+
+
+# --------------------------------------------------------------------------------------
+# evaluate_attribution: a TokenAttribution of a tiny model, against evaluate_faithfulness per example
+# --------------------------------------------------------------------------------------
+
+
+def _padded_attribution(**kw):
+    from tiny_models import PAD_ID, bridge
+
+    from gim_tl.attribution import attribute_tokens
+
+    model = bridge("llama")
+    tokens = torch.tensor([[5, 9, 12, 20, 33, 7], [PAD_ID, PAD_ID, 40, 8, 61, 17]])
+    mask = tokens != PAD_ID
+    attribution = attribute_tokens(model, tokens, [11, 13], attention_mask=mask, baseline="pad", progress=False, **kw)
+    return model, tokens, mask, attribution
+
+
+def test_evaluate_attribution_matches_each_example_evaluated_alone_unpadded():
+    """The attribution's tokens, mask, scores and targets reach the metrics: each padded example scores as the
+    same example evaluated on its own, unpadded, with its scores and target given by hand."""
+    model, tokens, mask, attribution = _padded_attribution(contrast=[2, 2])
+    res = ev.evaluate_attribution(model, attribution, baseline_id=SPACE, progress=False)
+    assert set(res) == {"logit", "logprob", "logit_diff"}  # the attribution's contrast is used
+    finite = 0
+    for i, (target, contrast) in enumerate(((11, 2), (13, 2))):
+        real = mask[i]
+        alone = ev.evaluate_faithfulness(model, tokens[i, real], attribution.scores[i, real], [target],
+                                         contrast_ids=[contrast], baseline_id=SPACE, progress=False)
+        for scoring, result in alone.items():
+            for metric in ("comprehensiveness", "sufficiency"):
+                got, want = getattr(res[scoring], metric)[i].item(), getattr(result, metric).item()
+                # NaN where a normalized scoring's clean value is <= 0 (dropped): then in both
+                assert got == pytest.approx(want, rel=1e-4, abs=1e-6, nan_ok=True), (i, scoring, metric)
+                finite += math.isfinite(want)
+    assert finite >= 4  # logprob is never dropped: at least its 2 metrics x 2 examples are compared as numbers
+
+
+def test_evaluate_attribution_refuses_a_position_other_than_the_last_token():
+    model, _, _, attribution = _padded_attribution(position=-2)
+    with pytest.raises(ValueError, match="last real token"):
+        ev.evaluate_attribution(model, attribution, baseline_id=SPACE, progress=False)
