@@ -41,38 +41,29 @@ def as_fp32(x: Tensor) -> Tensor:
 
 
 def tempered_pattern(
-    source: Float[Tensor, "... key"], temperature: float, *, source_is_scores: bool, nonempty: bool = False,
-    out: Float[Tensor, "... key"] | None = None,
+    source: Float[Tensor, "... key"], temperature: float, *, source_is_scores: bool, nonempty: bool = False
 ) -> Float[Tensor, "... key"]:
     """``A_T = softmax(S / T)`` in fp32 (:func:`gim_tl.rules.tempered_softmax`), from the scores ``S`` or from
     the pattern ``A = softmax(S)``, using ``softmax(S/T) = A^(1/T) / Σ A^(1/T)``, so the scores need not be kept.
 
     Masked keys give 0 either way; rows with no valid key give an all-zero row (never NaN), a guard that
-    ``nonempty=True`` (every row has a valid key: checked in forward) skips. Written into ``out`` (fp32, the
-    shape of ``source``) if given, else into a fresh buffer.
+    ``nonempty=True`` (every row has a valid key: checked in forward) skips. Returns a fresh buffer.
     """
     if source_is_scores:
         x = source.float() / temperature
         x.masked_fill_(masked_below(source), float("-inf"))
-        a_t = torch.softmax(x, dim=-1).nan_to_num_(0.0)
-        return a_t if out is None else out.copy_(a_t)
+        return torch.softmax(x, dim=-1).nan_to_num_(0.0)
     a = as_fp32(source)
     if temperature == 2.0:
         # √a as 1/a^(-½) (within 2 ulp): CPU's sqrt kernel is slow on the exact zeros of masked keys and on
         # subnormals, rsqrt is not, and masked keys come out 0 (1/∞) with no NaN to clean up.
-        weights = torch.rsqrt(a, out=out).reciprocal_()
+        weights = a.rsqrt().reciprocal_()
     else:
-        weights = torch.pow(a.clamp_min(0), 1.0 / temperature, out=out)
+        weights = a.clamp_min(0).pow(1.0 / temperature)
     total = weights.sum(-1, keepdim=True)
     if not nonempty:
         total.clamp_min_(torch.finfo(torch.float32).tiny)  # all-zero rows stay 0
     return weights.div_(total)
-
-
-#: On CPU, TSG's backward runs over this many elements of the score matrix at a time (4 MB in fp32), so that
-#: its steps (A_T, Σ, softmax backward, factors) find their rows still in cache: each [batch, head, query, key]
-#: tensor crosses memory once, as in plain softmax backward, instead of once per step.
-CPU_CHUNK_ELEMENTS = 1 << 20
 
 
 def tsg_grad_scores_torch(
@@ -83,32 +74,22 @@ def tsg_grad_scores_torch(
     source_is_scores: bool,
     row_valid: Bool[Tensor, "..."] | None = None,
     nonempty: bool = False,
-    scale: float = 1.0,
 ) -> Float[Tensor, "... key"]:
-    """``scale`` × TSG's score gradient (:func:`gim_tl.rules.tsg_grad`) in fp32 by PyTorch's fused softmax
-    backward, a block of rows at a time on CPU (:data:`CPU_CHUNK_ELEMENTS`).
+    """TSG's score gradient (:func:`gim_tl.rules.tsg_grad`) in fp32 by PyTorch's fused softmax backward.
 
     ``row_valid`` (optional, shape ``source.shape[:-1]``) zeroes rows that are fully masked but whose pattern
     does not show it (a bridge's ``finfo.min`` mask gives such a row a uniform pattern); ``nonempty`` as in
-    :func:`tempered_pattern`; ``scale`` is the q/k gradient-normalization factor when the caller folds it in.
+    :func:`tempered_pattern`.
     """
-    keys = source.shape[-1]
-    src, grad = source.reshape(-1, keys), as_fp32(grad_pattern).reshape(-1, keys)
-    valid = None if row_valid is None else row_valid.reshape(-1, 1)
-    out = torch.empty(src.shape, dtype=torch.float32, device=source.device)
-    on_cpu = source.device.type == "cpu"  # where dS may be written over A_T: the kernel sums a row before writing it
-    step = max(1, CPU_CHUNK_ELEMENTS // keys) if on_cpu else src.shape[0]
-    for start in range(0, src.shape[0], step):
-        rows = slice(start, start + step)
-        block = out[rows]
-        a_t = tempered_pattern(src[rows], temperature, source_is_scores=source_is_scores, nonempty=nonempty,
-                               out=block if on_cpu else None)
-        d_scores = softmax_backward_into(grad[rows], a_t, block)
-        if scale != 1.0:
-            d_scores.mul_(scale)
-        if valid is not None:
-            d_scores.mul_(valid[rows])
-    return out.view(source.shape)
+    a_t = tempered_pattern(source, temperature, source_is_scores=source_is_scores, nonempty=nonempty)
+    # On CPU, write dS over A_T (a fresh buffer) when its rows are contiguous: one [batch, head, query, key]
+    # allocation fewer (each large one is page-faulted in anew). Otherwise let the op allocate.
+    in_place = a_t.device.type == "cpu" and a_t.is_contiguous()
+    out = a_t if in_place else torch.empty_like(a_t, memory_format=torch.contiguous_format)
+    d_scores = softmax_backward_into(as_fp32(grad_pattern), a_t, out)
+    if row_valid is not None:
+        d_scores.mul_(row_valid.unsqueeze(-1))
+    return d_scores
 
 
 def tsg_grad_scores(
@@ -120,16 +101,13 @@ def tsg_grad_scores(
     row_valid: Bool[Tensor, "..."] | None = None,
     use_triton: bool = True,
     nonempty: bool = False,
-    scale: float = 1.0,
 ) -> Float[Tensor, "... key"]:
-    """``scale`` × TSG's score gradient in fp32: the Triton kernel for CUDA tensors, :func:`tsg_grad_scores_torch`
-    elsewhere."""
+    """TSG's score gradient in fp32: the Triton kernel for CUDA tensors, :func:`tsg_grad_scores_torch` elsewhere."""
     if use_triton and source.is_cuda and kernel.triton_available():
-        d_scores = kernel.tsg_backward(source, grad_pattern, temperature,
-                                       source_is_scores=source_is_scores, row_valid=row_valid)
-        return d_scores if scale == 1.0 else d_scores.mul_(scale)
+        return kernel.tsg_backward(source, grad_pattern, temperature,
+                                   source_is_scores=source_is_scores, row_valid=row_valid)
     return tsg_grad_scores_torch(source, grad_pattern, temperature, source_is_scores=source_is_scores,
-                                 row_valid=row_valid, nonempty=nonempty, scale=scale)
+                                 row_valid=row_valid, nonempty=nonempty)
 
 
 class TSGBypass(torch.autograd.Function):
@@ -138,8 +116,7 @@ class TSGBypass(torch.autograd.Function):
     Placed at ``hook_pattern``, it bypasses the model's own softmax node, so no plain softmax backward is
     computed and thrown away. It saves the pattern (kept by autograd for ``A @ V`` anyway) or, where the
     pattern is too coarse (fp16 underflow), the scores. ``map_grad_pattern`` / ``map_grad_scores`` act on
-    ``∂L/∂A`` before the rule and on ``∂L/∂S`` after it; ``scale`` (q/k's factor, folded in) multiplies ``∂L/∂S``
-    before ``map_grad_scores``.
+    ``∂L/∂A`` before the rule and on ``∂L/∂S`` after it.
     """
 
     @staticmethod
@@ -152,13 +129,12 @@ class TSGBypass(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_pattern):
         source, row_valid = ctx.saved_tensors
-        temperature, source_is_scores, use_triton, scale, scores_dtype = ctx.settings
+        temperature, source_is_scores, use_triton, scores_dtype = ctx.settings
         map_grad_pattern, map_grad_scores = ctx.maps
         if map_grad_pattern is not None:
             grad_pattern = map_grad_pattern(grad_pattern)
         d_scores = tsg_grad_scores(source, grad_pattern, temperature, source_is_scores=source_is_scores,
-                                   row_valid=row_valid, use_triton=use_triton, nonempty=row_valid is None,
-                                   scale=scale)
+                                   row_valid=row_valid, use_triton=use_triton, nonempty=row_valid is None)
         if d_scores.dtype != scores_dtype:
             d_scores = d_scores.to(scores_dtype)
         if map_grad_scores is not None:
@@ -173,11 +149,10 @@ def apply_tsg(
     *,
     keep_scores: bool = False,
     use_triton: bool = True,
-    scale: float = 1.0,
     map_grad_pattern: GradMap | None = None,
     map_grad_scores: GradMap | None = None,
 ) -> Float[Tensor, "batch head query key"]:
-    """Return ``pattern`` (same values) whose gradient flows to ``scores`` by the TSG rule, times ``scale``.
+    """Return ``pattern`` (same values) whose gradient flows to ``scores`` by the TSG rule.
 
     ``keep_scores`` rebuilds ``A_T`` from the scores instead of the pattern (fp16 patterns).
     """
@@ -185,8 +160,8 @@ def apply_tsg(
     masked_rows = fully_masked_rows(scores_value)
     row_valid = None if masked_rows is None else ~masked_rows
     source = scores_value if keep_scores else pattern_value
-    settings = (float(temperature), keep_scores, use_triton, float(scale))
-    return TSGBypass.apply(scores, pattern_value, source, row_valid, settings, (map_grad_pattern, map_grad_scores))
+    return TSGBypass.apply(scores, pattern_value, source, row_valid, (float(temperature), keep_scores, use_triton),
+                           (map_grad_pattern, map_grad_scores))
 
 
 # --------------------------------------------------------------------------------------

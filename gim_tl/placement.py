@@ -68,15 +68,14 @@ def tsg_hooks(cfg: GIMConfig, layout: ModelLayout, sites: LayerSites, build: Hoo
 
         def map_grad_scores(grad):
             applied()
-            if qk_applied is not None:
-                qk_applied()
-            if not scores_hooks:
-                return grad  # q/k's factor, if any, is already in it (folded into TSG's backward)
-            grad = run_backward_hooks(scores_point, scores_hooks, grad)  # they see the gradient before the factor
-            return grad if qk_applied is None else grad * qk_factor  # a copy: they may keep what they saw
+            if qk_applied is None:
+                return run_backward_hooks(scores_point, scores_hooks, grad)
+            qk_applied()
+            if scores_hooks:  # they may keep the tensor they saw: scale a copy
+                return run_backward_hooks(scores_point, scores_hooks, grad) * qk_factor
+            return grad.mul_(qk_factor)  # TSG's own fresh buffer, seen by nobody
 
         return fast.apply_tsg(scores, pattern, cfg.temperature, keep_scores=keep_scores, use_triton=cfg.use_triton,
-                              scale=1.0 if scores_hooks else qk_factor,
                               map_grad_pattern=map_grad_pattern if pattern_hooks else None,
                               map_grad_scores=map_grad_scores)
 

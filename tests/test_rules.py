@@ -322,23 +322,6 @@ def test_fused_softmax_backward_path_equals_the_rule(mask_value, source_is_score
     assert torch.all(got[mask] == 0) and torch.all(got[~row_valid] == 0)
 
 
-@pytest.mark.parametrize("mask_value", MASKS)
-@pytest.mark.parametrize("source_is_scores", [True, False], ids=["scores", "pattern"])
-@pytest.mark.parametrize("chunk_rows", [1, 5, 1000], ids=["row", "5rows", "whole"])
-def test_fused_softmax_backward_path_by_blocks_of_rows_with_a_factor(monkeypatch, mask_value, source_is_scores,
-                                                                     chunk_rows):
-    """Run a block of rows at a time (one row, blocks that do not divide the rows, one block), with the q/k
-    factor folded in: ``scale`` × ``tsg_grad``, fully masked rows 0."""
-    scores, mask, g = masked_rows_case(mask_value, seed=6)
-    monkeypatch.setattr(fast, "CPU_CHUNK_ELEMENTS", chunk_rows * scores.shape[-1])
-    source = scores if source_is_scores else pattern_as_models_make_it(scores)
-    row_valid = ~mask.all(-1)
-    got = fast.tsg_grad_scores_torch(source, g, 2.0, source_is_scores=source_is_scores, row_valid=row_valid,
-                                     scale=0.25)
-    assert_tsg_close(got, 0.25 * tsg_rule(scores, g, 2.0))
-    assert torch.all(got[~row_valid] == 0)
-
-
 @pytest.mark.parametrize("source_is_scores", [True, False], ids=["scores", "pattern"])
 def test_fused_softmax_backward_path_on_non_contiguous_inputs(source_is_scores):
     """A transposed (non-contiguous) source or gradient: no in-place write over a strided A_T, same dS."""
