@@ -9,15 +9,22 @@ interleaved in pairs (who goes first alternates; GIM attached with ``add_to`` ou
 environment (large blocks from the heap, and freed memory kept by the process rather than handed back to the
 OS and faulted in again).
 
-Usage: ``python benchmarks/page_faults.py [--shape 4x512] [--pairs 4]``
+``--separate`` runs each mode in processes of its own instead (blocks of ``--passes`` passes after one warm-up,
+plain and GIM blocks alternating, ``--pairs`` blocks each): the allocator then settles into each mode's own steady
+state, as when a researcher runs only GIM passes, rather than into the mixture that interleaving makes.
+
+Usage: ``python benchmarks/page_faults.py [--shape 4x512] [--pairs 4] [--separate [--passes 3]]``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,16 +35,10 @@ from overhead import fwd_bwd, load  # noqa: E402
 from gim_tl import GIMHookSet  # noqa: E402
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", default="4x512")
-    parser.add_argument("--pairs", type=int, default=4)
-    args = parser.parse_args()
-    batch, seq = map(int, args.shape.split("x"))
-    tokens = torch.randint(100, 49152, (batch, seq), generator=torch.Generator().manual_seed(0))
-    model, gim = load("inputs", None), GIMHookSet()
-
-    def one_pass(mode: str) -> tuple[float, float, int]:
+def timed_passes(model, tokens, modes: list[str], gim: GIMHookSet) -> list[tuple[str, float, float, int]]:
+    """One forward+backward per entry of ``modes``: ``(mode, wall s, system s, minor page faults)``."""
+    rows = []
+    for mode in modes:
         if mode == "gim":
             gim.add_to(model)
         before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -45,22 +46,55 @@ def main() -> None:
         wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
         if mode == "gim":
             gim.remove_from(model)
-        return wall, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt
+        rows.append((mode, wall, after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt))
+    return rows
 
-    one_pass("plain"), one_pass("gim")  # warm-up
-    runs: dict[str, list] = {"plain": [], "gim": []}
-    for i in range(args.pairs):
-        for mode in ("plain", "gim") if i % 2 == 0 else ("gim", "plain"):
-            runs[mode].append(one_pass(mode))
-    ratios = [g[0] / p[0] for g, p in zip(runs["gim"], runs["plain"], strict=True)]
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="4x512")
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--separate", action="store_true", help="each mode in processes of its own")
+    parser.add_argument("--passes", type=int, default=3, help="timed passes per process with --separate")
+    parser.add_argument("--block", default=None, help=argparse.SUPPRESS)  # a child process: the mode it runs
+    args = parser.parse_args()
+    batch, seq = map(int, args.shape.split("x"))
+    tokens = torch.randint(100, 49152, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+    if args.block:  # one mode's block: a warm-up pass, then --passes timed ones, as JSON
+        model = load("inputs", None)
+        rows = timed_passes(model, tokens, [args.block] * (args.passes + 1), GIMHookSet())[1:]
+        print(json.dumps(rows))
+        return
+    if args.separate:
+        runs: dict[str, list] = {"plain": [], "gim": []}
+        for i in range(args.pairs):
+            for mode in ("plain", "gim") if i % 2 == 0 else ("gim", "plain"):
+                out = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--passes", str(args.passes),
+                                      "--block", mode], capture_output=True, text=True, check=True)
+                runs[mode] += [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
+    else:
+        model = load("inputs", None)
+        timed_passes(model, tokens, ["plain", "gim"], GIMHookSet())  # warm-up
+        order = [m for i in range(args.pairs) for m in (("plain", "gim") if i % 2 == 0 else ("gim", "plain"))]
+        runs = {"plain": [], "gim": []}
+        for row in timed_passes(model, tokens, order, GIMHookSet()):
+            runs[row[0]].append(row)
     allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "glibc defaults"
-    print(f"SmolLM2 bridge, {args.shape}, backward into inputs, {torch.get_num_threads()} threads, "
+    how = f"separate processes, {args.passes} passes each" if args.separate else "interleaved in one process"
+    print(f"SmolLM2 bridge, {args.shape}, backward into inputs, {torch.get_num_threads()} threads, {how}, "
           f"allocator: {allocator}")
-    print(f"  GIM / plain wall time per pair: {', '.join(f'{r:.3f}' for r in ratios)} "
-          f"(median {statistics.median(ratios):.3f}x)")
+    if not args.separate:
+        ratios = [g[1] / p[1] for g, p in zip(runs["gim"], runs["plain"], strict=True)]
+        print(f"  GIM / plain wall time per pair: {', '.join(f'{r:.3f}' for r in ratios)} "
+              f"(median {statistics.median(ratios):.3f}x)")
+    medians = {}
     for mode, rows in runs.items():
-        wall, sys_time, faults = (statistics.median(row[j] for row in rows) for j in range(3))
-        print(f"  {mode:<5} wall {wall:6.2f} s   system {sys_time:5.2f} s   minor page faults {faults:9.0f}")
+        wall, sys_time, faults = (statistics.median(row[j] for row in rows) for j in (1, 2, 3))
+        medians[mode] = wall
+        print(f"  {mode:<5} wall {wall:6.2f} s   system {sys_time:5.2f} s   minor page faults {faults:9.0f}   "
+              f"({len(rows)} passes)")
+    print(f"  median GIM pass / median plain pass: {medians['gim'] / medians['plain']:.3f}x")
 
 
 if __name__ == "__main__":
