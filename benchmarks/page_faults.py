@@ -50,6 +50,11 @@ def timed_passes(model, tokens, modes: list[str], gim: GIMHookSet) -> list[tuple
     return rows
 
 
+def alternating(pairs: int) -> list[str]:
+    """``pairs`` plain/GIM pairs, the first of each pair alternating (so drift hits both modes alike)."""
+    return [mode for i in range(pairs) for mode in (("plain", "gim") if i % 2 == 0 else ("gim", "plain"))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="4x512")
@@ -68,17 +73,15 @@ def main() -> None:
         return
     if args.separate:
         runs: dict[str, list] = {"plain": [], "gim": []}
-        for i in range(args.pairs):
-            for mode in ("plain", "gim") if i % 2 == 0 else ("gim", "plain"):
-                out = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--passes", str(args.passes),
-                                      "--block", mode], capture_output=True, text=True, check=True)
-                runs[mode] += [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
+        for mode in alternating(args.pairs):
+            out = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--passes", str(args.passes),
+                                  "--block", mode], capture_output=True, text=True, check=True)
+            runs[mode] += [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
     else:
-        model = load("inputs", None)
-        timed_passes(model, tokens, ["plain", "gim"], GIMHookSet())  # warm-up
-        order = [m for i in range(args.pairs) for m in (("plain", "gim") if i % 2 == 0 else ("gim", "plain"))]
+        model, gim = load("inputs", None), GIMHookSet()
+        timed_passes(model, tokens, ["plain", "gim"], gim)  # warm-up
         runs = {"plain": [], "gim": []}
-        for row in timed_passes(model, tokens, order, GIMHookSet()):
+        for row in timed_passes(model, tokens, alternating(args.pairs), gim):
             runs[row[0]].append(row)
     allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "glibc defaults"
     how = f"separate processes, {args.passes} passes each" if args.separate else "interleaved in one process"
