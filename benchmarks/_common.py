@@ -5,6 +5,16 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+#: glibc allocator settings under which a process keeps the memory it frees: large blocks come from the heap
+#: (no fresh ``mmap`` per block), and the heap is never trimmed back to the OS. Once the first passes have grown
+#: the heap, later passes reuse it with no page faults, whatever ran before them (as with jemalloc or tcmalloc,
+#: which PyTorch's CPU performance guide recommends). Passed through the environment to a fresh process.
+RETAIN_FREED_MEMORY = {
+    "MALLOC_MMAP_THRESHOLD_": str(4 << 30),
+    "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
+    "MALLOC_TOP_PAD_": str(1 << 30),
+}
+
 
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo), for the results tables."""

@@ -24,13 +24,18 @@ For each shape it reports:
 
 Every measurement runs in a subprocess of its own, so at most one batch is in memory (batch 8 ×
 seq 512 needs about 15 GB of the machine's 24). Peak-RSS processes run with
-``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks go back to the OS and RSS tracks live memory; timing
-processes keep glibc's default allocator (the threshold makes every large allocation fault in fresh
-pages and slowed plain forward+backward by about 35%, which is not how anyone runs a model).
+``MALLOC_MMAP_THRESHOLD_=65536`` so freed blocks go back to the OS and RSS tracks live memory.
+
+Timing processes run, by default (``--allocator retain``), with glibc told to keep the memory it frees
+(``_common.RETAIN_FREED_MEMORY``), so every timed pass reuses the heap the warm-up passes grew and the ratio
+measures the work GIM adds. With glibc's defaults a pass's time also depends on how the passes before it left
+the heap: at 4 × 512, plain passes of the same code in the same kind of process took from 9.2 s (no page
+faults) to 11.9 s (1.2M faults) according to which passes ran before them, a spread five times the 5% being
+measured (``page_faults.py`` shows it). ``--allocator glibc`` times with the defaults all the same.
 
 Usage: ``python benchmarks/overhead.py [--repeats 5] [--min-seconds 20] [--shapes 1x64,8x64,1x512,8x512]
-[--threads N] [--out FILE] [--saved-only] [--preset NAME]``; ``--preset`` times one of the ablation
-presets (e.g. ``freeze_norm``: one rule's cost) in place of full GIM.
+[--allocator retain|glibc] [--threads N] [--out FILE] [--saved-only] [--preset NAME]``; ``--preset`` times one
+of the ablation presets (e.g. ``freeze_norm``: one rule's cost) in place of full GIM.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import weakref
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from _common import cpu_model  # noqa: E402
+from _common import RETAIN_FREED_MEMORY, cpu_model  # noqa: E402
 
 from gim_tl import GIMHookSet  # noqa: E402
 from gim_tl.models import load_model  # noqa: E402
@@ -188,9 +193,12 @@ def child(task: str, shape: str, grad_to: str, mode: str, repeats: int) -> dict:
             "saved_plain": saved_plain, "saved_gim": saved_gim}
 
 
-def run_child(task: str, shape: str, grad_to: str, mode: str, repeats: int) -> dict:
-    """Run :func:`child` in a fresh subprocess (so each measurement owns its memory)."""
+def run_child(task: str, shape: str, grad_to: str, mode: str, repeats: int, allocator: str = "retain") -> dict:
+    """Run :func:`child` in a fresh subprocess (so each measurement owns its memory); timings under
+    ``allocator`` (``retain``: :data:`RETAIN_FREED_MEMORY`; ``glibc``: the defaults)."""
     env = dict(os.environ)
+    if task == "time" and allocator == "retain":
+        env.update(RETAIN_FREED_MEMORY)
     if task == "peak":
         # Large blocks straight from mmap, so a free returns to the OS and RSS tracks live memory
         # (with glibc's default thresholds, the same run's peak RSS varied by ±400 MB).
@@ -208,6 +216,8 @@ def main() -> None:
     parser.add_argument("--preset", default=PRESET, help="hook set to time against plain (default: gim, full GIM)")
     parser.add_argument("--min-seconds", type=float, default=None,
                         help=f"time each mode at least this long per shape (default {MIN_SECONDS:.0f})")
+    parser.add_argument("--allocator", choices=("retain", "glibc"), default="retain",
+                        help="timing processes keep the memory they free (retain, default) or use glibc's defaults")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default=None, help="append the markdown table to this file")
     parser.add_argument("--saved-only", action="store_true", help="measure only the bytes saved for backward")
@@ -238,7 +248,7 @@ def main() -> None:
     rows = []
     for shape in args.shapes.split(","):
         for grad_to in args.grad_to.split(","):
-            t = run_child("time", shape, grad_to, "both", args.repeats)
+            t = run_child("time", shape, grad_to, "both", args.repeats, args.allocator)
             peak = {mode: run_child("peak", shape, grad_to, mode, 1)["peak_mb"] for mode in ("plain", "gim")}
             row = dict(shape=shape, grad_to=grad_to, **t, peak_plain=peak["plain"], peak_gim=peak["gim"])
             rows.append(row)
@@ -252,6 +262,7 @@ def main() -> None:
     header = (f"SmolLM2-135M-Instruct, TransformerBridge fp32, {cpu_model()}, {threads} thread(s), "
               f"torch {torch.__version__}, preset {args.preset!r} vs plain, "
               f"≥ {args.repeats} interleaved pairs (≥ {min_seconds:.0f} s per mode), "
+              f"allocator {args.allocator!r} for the timings, "
               f"{time.strftime('%Y-%m-%d')}\n\n"
               "| batch × seq | backward into | pairs | plain fwd+bwd (s) | GIM fwd+bwd (s) | time ratio (range) "
               "| lower-quartile ratio "

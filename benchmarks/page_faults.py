@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--separate", action="store_true", help="each mode in processes of its own")
     parser.add_argument("--passes", type=int, default=3, help="timed passes per process with --separate")
+    parser.add_argument("--preset", default="gim", help="hook set to compare with plain (default: gim, full GIM)")
     parser.add_argument("--block", default=None, help=argparse.SUPPRESS)  # a child process: the mode it runs
     args = parser.parse_args()
     batch, seq = map(int, args.shape.split("x"))
@@ -68,25 +69,25 @@ def main() -> None:
 
     if args.block:  # one mode's block: a warm-up pass, then --passes timed ones, as JSON
         model = load("inputs", None)
-        rows = timed_passes(model, tokens, [args.block] * (args.passes + 1), GIMHookSet())[1:]
+        rows = timed_passes(model, tokens, [args.block] * (args.passes + 1), GIMHookSet.preset(args.preset))[1:]
         print(json.dumps(rows))
         return
     if args.separate:
         runs: dict[str, list] = {"plain": [], "gim": []}
         for mode in alternating(args.pairs):
             out = subprocess.run([sys.executable, __file__, "--shape", args.shape, "--passes", str(args.passes),
-                                  "--block", mode], capture_output=True, text=True, check=True)
+                                  "--preset", args.preset, "--block", mode], capture_output=True, text=True, check=True)
             runs[mode] += [tuple(row) for row in json.loads(out.stdout.strip().splitlines()[-1])]
     else:
-        model, gim = load("inputs", None), GIMHookSet()
+        model, gim = load("inputs", None), GIMHookSet.preset(args.preset)
         timed_passes(model, tokens, ["plain", "gim"], gim)  # warm-up
         runs = {"plain": [], "gim": []}
         for row in timed_passes(model, tokens, alternating(args.pairs), gim):
             runs[row[0]].append(row)
     allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")} or "glibc defaults"
     how = f"separate processes, {args.passes} passes each" if args.separate else "interleaved in one process"
-    print(f"SmolLM2 bridge, {args.shape}, backward into inputs, {torch.get_num_threads()} threads, {how}, "
-          f"allocator: {allocator}")
+    print(f"SmolLM2 bridge, {args.shape}, backward into inputs, preset {args.preset!r} vs plain, "
+          f"{torch.get_num_threads()} threads, {how}, allocator: {allocator}")
     if not args.separate:
         ratios = [g[1] / p[1] for g, p in zip(runs["gim"], runs["plain"], strict=True)]
         print(f"  GIM / plain wall time per pair: {', '.join(f'{r:.3f}' for r in ratios)} "
