@@ -13,7 +13,12 @@ OS and faulted in again).
 plain and GIM blocks alternating, ``--pairs`` blocks each): the allocator then settles into each mode's own steady
 state, as when a researcher runs only GIM passes, rather than into the mixture that interleaving makes.
 
-Usage: ``python benchmarks/page_faults.py [--shape 4x512] [--pairs 4] [--separate [--passes 3]]``
+``--preset`` compares one ablation preset (e.g. ``tsg``) with plain in place of full GIM. With glibc's defaults
+the plain passes themselves move by a quarter between runs (0 to 1.2M faults a pass at 4 × 512, after different
+passes), which is why ``overhead.py`` times with the allocator keeping its memory (``_common.RETAIN_FREED_MEMORY``,
+the same settings as above).
+
+Usage: ``python benchmarks/page_faults.py [--shape 4x512] [--pairs 4] [--separate [--passes 3]] [--preset gim]``
 """
 
 from __future__ import annotations
