@@ -5,9 +5,8 @@ One SmolLM2 bridge (fp32, backward into the input embeddings), plain and full-GI
 interleaved in pairs (who goes first alternates; GIM attached with ``add_to`` outside the timed region, as in
 ``overhead.py``). Per pass it reads, besides the wall time, the process's system time and minor page faults
 (``getrusage``). Run it twice to see what glibc's allocator does to the ratio: once as it is, and once with
-``MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736 MALLOC_TOP_PAD_=1073741824`` in the
-environment (large blocks from the heap, and freed memory kept by the process rather than handed back to the
-OS and faulted in again).
+``--allocator retain`` (``_common.RETAIN_FREED_MEMORY`` in the environment: large blocks from the heap, and freed
+memory kept by the process rather than handed back to the OS and faulted in again).
 
 ``--separate`` runs each mode in processes of its own instead (blocks of ``--passes`` passes after one warm-up,
 plain and GIM blocks alternating, ``--pairs`` blocks each): the allocator then settles into each mode's own steady
@@ -15,10 +14,10 @@ state, as when a researcher runs only GIM passes, rather than into the mixture t
 
 ``--preset`` compares one ablation preset (e.g. ``tsg``) with plain in place of full GIM. With glibc's defaults
 the plain passes themselves move by a quarter between runs (0 to 1.2M faults a pass at 4 × 512, after different
-passes), which is why ``overhead.py`` times with the allocator keeping its memory (``_common.RETAIN_FREED_MEMORY``,
-the same settings as above).
+passes), which is why ``overhead.py`` times with the allocator keeping its memory.
 
-Usage: ``python benchmarks/page_faults.py [--shape 4x512] [--pairs 4] [--separate [--passes 3]] [--preset gim]``
+Usage: ``python benchmarks/page_faults.py [--shape 4x512] [--pairs 4] [--separate [--passes 3]] [--preset gim]
+[--allocator glibc|retain]``
 """
 
 from __future__ import annotations
@@ -35,6 +34,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from _common import RETAIN_FREED_MEMORY  # noqa: E402
 from overhead import fwd_bwd, load  # noqa: E402
 
 from gim_tl import GIMHookSet  # noqa: E402
@@ -67,8 +67,12 @@ def main() -> None:
     parser.add_argument("--separate", action="store_true", help="each mode in processes of its own")
     parser.add_argument("--passes", type=int, default=3, help="timed passes per process with --separate")
     parser.add_argument("--preset", default="gim", help="hook set to compare with plain (default: gim, full GIM)")
+    parser.add_argument("--allocator", choices=("glibc", "retain"), default="glibc",
+                        help="glibc's defaults, or settings that keep freed memory (re-runs itself with them)")
     parser.add_argument("--block", default=None, help=argparse.SUPPRESS)  # a child process: the mode it runs
     args = parser.parse_args()
+    if args.allocator == "retain" and any(os.environ.get(k) != v for k, v in RETAIN_FREED_MEMORY.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **RETAIN_FREED_MEMORY})
     batch, seq = map(int, args.shape.split("x"))
     tokens = torch.randint(100, 49152, (batch, seq), generator=torch.Generator().manual_seed(0))
 
